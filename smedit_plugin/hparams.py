@@ -1,0 +1,344 @@
+"""Typed, validated hyperparameters shared by every method of the plugin.
+
+Each method declares a dataclass that subclasses :class:`MethodHyperParams`. Loading is strict
+(unknown keys, missing keys, wrong types and out-of-range values all raise
+:class:`HyperParamsError` naming the field and the file) because EasyEdit's own loaders fail late
+and silently on exactly those mistakes. The classes subclass EasyEdit's ``HyperParams`` when
+``easyeditor`` is importable so that EasyEdit code that type-checks hparams accepts them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Union
+
+import yaml
+
+
+class HyperParamsError(ValueError):
+    """A hyperparameter file or value is wrong; the message names the field, the file and the fix."""
+
+
+def _easyedit_base() -> type:
+    """EasyEdit's ``HyperParams`` when importable, else a local empty base.
+
+    ``SMEDIT_NO_EASYEDIT=1`` skips the import (EasyEdit's import is slow and configures logging).
+    """
+    if os.environ.get("SMEDIT_NO_EASYEDIT") == "1":
+        return _LocalHyperParams
+    try:
+        from easyeditor.util.hparams import HyperParams  # type: ignore
+    except ImportError:
+        return _LocalHyperParams
+    return HyperParams
+
+
+@dataclasses.dataclass
+class _LocalHyperParams:
+    """Stand-in base with the two helpers EasyEdit's base provides."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_Base = _easyedit_base()
+
+#: Alias spellings accepted in ``alg_name`` (lower-cased, punctuation removed) -> canonical name.
+ALIASES: dict[str, str] = {
+    "smedit": "SMEdit",
+    "emsedit": "SMEdit",
+    "malmen2": "MALMEN2",
+    "malmen^2": "MALMEN2",
+    "malmen²": "MALMEN2",
+    "malmen1": "MALMEN1",
+    "rledit2": "RLEdit2",
+    "rledit^2": "RLEdit2",
+    "rledit²": "RLEdit2",
+    "rledit1": "RLEdit1",
+    "comebahk": "COMEBA-HK",
+    "comeba-hk": "COMEBA-HK",
+    "comeba_hk": "COMEBA-HK",
+    "coachhook": "COMEBA-HK",
+    "memitc": "MEMIT-C",
+    "memit-c": "MEMIT-C",
+    "memit_c": "MEMIT-C",
+}
+
+
+def canonical_alg_name(name: str) -> str:
+    """Map an alias (``MALMEN^2``, ``malmen2``, ``CoachHooK``) to the registered name."""
+    if not isinstance(name, str):
+        raise HyperParamsError(f"alg_name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    squeezed = key.replace("-", "").replace("_", "").replace(" ", "")
+    for alias, canonical in ALIASES.items():
+        if alias.replace("-", "").replace("_", "") == squeezed:
+            return canonical
+    known = sorted(set(ALIASES.values()))
+    raise HyperParamsError(
+        f"unknown method {name!r}; use one of {', '.join(known)}"
+    )
+
+
+def resolve_hparams_path(path: Union[str, os.PathLike]) -> Path:
+    """Accept ``.yaml``/``.yml``/``.json`` paths or a bare stem (tried with each suffix)."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml", ".json"):
+        if not p.is_file():
+            raise HyperParamsError(f"hparams file {p} does not exist")
+        return p
+    for suffix in (".yaml", ".yml", ".json"):
+        cand = p.with_name(p.name + suffix)
+        if cand.is_file():
+            return cand
+    if p.is_file():
+        return p
+    raise HyperParamsError(f"hparams file {p}(.yaml|.yml|.json) does not exist")
+
+
+def read_config(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], Path]:
+    """Read a YAML or JSON mapping without any conversion."""
+    p = resolve_hparams_path(path)
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise HyperParamsError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HyperParamsError(f"{p}: top level must be a mapping of field: value, got {type(data).__name__}")
+    return data, p
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if origin is tuple:
+        return "tuple"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _to_float(value: Any) -> Any:
+    """Parse scientific notation strings that PyYAML leaves as str (``1e-5``)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Return (ok, converted) for ``value`` against annotation ``tp``; floats only for float fields."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True, value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, conv = _coerce(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for item in value:
+            ok, conv = _coerce(item, inner)
+            if not ok:
+                return False, value
+            out.append(conv)
+        return True, out
+    if origin is tuple:
+        return isinstance(value, (list, tuple)), tuple(value) if isinstance(value, (list, tuple)) else value
+    if origin is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                return False, value
+            return (f.is_integer(), int(f)) if f.is_integer() else (False, value)
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, value
+    if tp is float:
+        conv = _to_float(value)
+        return isinstance(conv, float) and not isinstance(value, bool), conv
+    if tp is str:
+        return isinstance(value, str), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+@dataclasses.dataclass(kw_only=True)
+class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
+    """Fields EasyEdit's ``BaseEditor`` and evaluation read, plus the loader.
+
+    ``batch_size`` keeps EasyEdit's meaning (edits per apply call); every method's own
+    micro-batch sizes use other names.
+    """
+
+    alg_name: str
+    model_name: Any = dataclasses.field(metadata={"help": "model path, hub id, 'smollm2-135m', 'gemma-3-270m', or a (model, tokenizer) tuple set in code"})
+    device: Optional[Union[int, str]] = dataclasses.field(default=None, metadata={"help": "None = CUDA if present else CPU; int or 'cuda:N' = that GPU (CPU when no CUDA); 'cpu'"})
+    model_parallel: bool = False
+    batch_size: int = dataclasses.field(default=1, metadata={"range": (1, None)})
+    max_length: int = dataclasses.field(default=64, metadata={"range": (8, None)})
+    fp16: bool = False
+
+    #: Canonical names this class accepts in ``alg_name`` (first is the default).
+    ALG_NAMES: ClassVar[tuple[str, ...]] = ()
+    #: Cross-field constraints: callables returning an error message or None.
+    _checks: ClassVar[tuple] = ()
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------
+    @classmethod
+    def _hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    def validate(self, source: str = "<hparams>") -> None:
+        """Check every field's type and range, then the class's cross-field rules."""
+        hints = self._hints()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model_name" and not isinstance(value, str):
+                if not (isinstance(value, tuple) and len(value) == 2):
+                    raise HyperParamsError(f"{source}: field 'model_name' must be a string or a (model, tokenizer) tuple")
+                continue
+            ok, conv = _coerce(value, hints[f.name])
+            if not ok:
+                raise HyperParamsError(
+                    f"{source}: field {f.name!r} must be {_type_name(hints[f.name])}, got {value!r}"
+                )
+            object.__setattr__(self, f.name, conv)
+            rng = f.metadata.get("range")
+            if rng is not None and conv is not None:
+                items = conv if isinstance(conv, list) else [conv]
+                lo, hi = rng
+                for item in items:
+                    if (lo is not None and item < lo) or (hi is not None and item > hi):
+                        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+                        raise HyperParamsError(f"{source}: field {f.name!r} = {item!r} is out of range {bounds}")
+            choices = f.metadata.get("choices")
+            if choices is not None and conv is not None and conv not in choices:
+                raise HyperParamsError(f"{source}: field {f.name!r} = {conv!r}; choose one of {list(choices)}")
+        if self.ALG_NAMES:
+            name = canonical_alg_name(self.alg_name)
+            if name not in self.ALG_NAMES:
+                raise HyperParamsError(
+                    f"{source}: alg_name {self.alg_name!r} does not belong to {type(self).__name__}; "
+                    f"it accepts {list(self.ALG_NAMES)}"
+                )
+            self.alg_name = name
+        for check in self._checks:
+            msg = check(self)
+            if msg:
+                raise HyperParamsError(f"{source}: {msg}")
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], source: str = "<dict>"):
+        """Build from a mapping with the same strictness as :meth:`from_hparams`."""
+        config = dict(config)
+        if "alg" in config:
+            legacy = config.pop("alg")
+            if "alg_name" in config and canonical_alg_name(legacy) != canonical_alg_name(config["alg_name"]):
+                raise HyperParamsError(f"{source}: 'alg' ({legacy!r}) and 'alg_name' ({config['alg_name']!r}) disagree")
+            config.setdefault("alg_name", legacy)
+        if "alg_name" not in config and cls.ALG_NAMES:
+            raise HyperParamsError(f"{source}: missing required field 'alg_name' (one of {list(cls.ALG_NAMES)})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in config if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise HyperParamsError(
+                f"{source}: unknown field(s) {', '.join(hints)} for {cls.__name__}; remove them or fix the spelling"
+            )
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.name not in config and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise HyperParamsError(f"{source}: missing required field(s) {', '.join(map(repr, missing))}")
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in config:
+                val = copy.deepcopy(config[f.name])
+            elif f.default is not dataclasses.MISSING:
+                val = copy.deepcopy(f.default)
+            else:
+                val = f.default_factory()
+            object.__setattr__(obj, f.name, val)
+        obj.validate(source)
+        return obj
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: Union[str, os.PathLike]):
+        """Load ``.yaml``/``.yml``/``.json`` (or a bare stem) into this class, strictly."""
+        config, path = read_config(hparams_name_or_path)
+        return cls.from_dict(config, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "model_name" and not isinstance(value, str):
+                value = getattr(value[0], "name_or_path", "<in-memory model>")
+            out[f.name] = copy.deepcopy(value)
+        return out
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes`` applied; the original is never mutated."""
+        data = self.to_dict()
+        if not isinstance(self.model_name, str):
+            data["model_name"] = self.model_name
+        data.update(changes)
+        return type(self).from_dict(data, source=f"{type(self).__name__}.replace")
+
+
+def load_hparams(path: Union[str, os.PathLike]) -> MethodHyperParams:
+    """Load any plugin hparams file, choosing the class from its ``alg_name`` (or legacy ``alg``)."""
+    from .registry import method_spec
+
+    config, p = read_config(path)
+    name = config.get("alg_name", config.get("alg"))
+    if name is None:
+        raise HyperParamsError(f"{p}: missing required field 'alg_name'")
+    try:
+        spec = method_spec(canonical_alg_name(name))
+    except HyperParamsError as exc:
+        raise HyperParamsError(f"{p}: {exc}") from None
+    return spec.hparams_class().from_dict(config, source=str(p))
