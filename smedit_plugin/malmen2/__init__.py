@@ -1,0 +1,1 @@
+"""MALMEN2 (MALMEN with multiple BP steps) and its one-step baseline MALMEN1."""

@@ -1,0 +1,32 @@
+"""MALMEN2 / MALMEN1 hyperparameters (SMEdit paper Table 3 defaults)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+from ..hypernet.hparams import HypernetHyperParams
+
+F = dataclasses.field
+
+
+def _default_bp_steps(hp: "MALMEN2HyperParams") -> Optional[str]:
+    if hp.bp_steps is None:
+        hp.bp_steps = 1 if hp.alg_name == "MALMEN1" else 2
+    return None
+
+
+@dataclasses.dataclass(kw_only=True)
+class MALMEN2HyperParams(HypernetHyperParams):
+    """MALMEN with ``bp_steps`` steps sharing one network; loss = CE(rephrase) + loc_coef * KL(unrelated).
+
+    ``alg_name: MALMEN1`` is the one-step baseline (``bp_steps`` defaults to 1 there, 2 for MALMEN2).
+    """
+
+    ALG_NAMES: ClassVar[tuple[str, ...]] = ("MALMEN2", "MALMEN1")
+    SHARED_DEFAULT: ClassVar[str] = "always"
+
+    alg_name: str = "MALMEN2"
+    bp_steps: Optional[int] = F(default=None, metadata={"range": (1, 16), "help": "null = 2 for MALMEN2, 1 for MALMEN1"})
+    loc_coef: float = F(default=0.6, metadata={"range": (0.0, None)})
+
+    _checks: ClassVar[tuple] = HypernetHyperParams._checks[:2] + (_default_bp_steps,) + HypernetHyperParams._checks[2:]

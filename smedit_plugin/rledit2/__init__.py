@@ -1,0 +1,1 @@
+"""RLEdit2 (RLEdit with multiple BP steps) and its one-step baseline RLEdit1."""

@@ -1,0 +1,1 @@
+"""SMEdit (EMSEdit): multi-step meta editing with an l2 norm constraint."""
