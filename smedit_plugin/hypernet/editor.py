@@ -1,0 +1,123 @@
+"""The hypernetwork editor: step networks bound to a model's edit modules.
+
+Shared by training and editing of every hypernetwork method. One BP step (MSBP step ``s``) is:
+cache keys and value gradients of the edit tuples at the current weights, predict each module's
+``param_shift`` with step ``s``'s network, add it in place. ``bp_steps`` such steps stack.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..models import resolve_edit_modules
+from ..text import build_batch
+from .cache import ModuleCache, cache_keys_and_value_grads
+from .hparams import HypernetHyperParams
+from .network import HyperNet, build_hypernets, shape_key
+from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
+from .solve import RidgeSolve
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one BP step produced, kept until its meta-gradient has been accumulated."""
+
+    step: int
+    caches: dict[str, ModuleCache]
+    shifts: dict[str, torch.Tensor]
+    solvers: dict[str, RidgeSolve]
+
+
+class HypernetEditor(nn.Module):
+    """Holds ``bp_steps`` step networks (one object repeated when shared) for a model's edit modules."""
+
+    def __init__(self, model: nn.Module, hparams: HypernetHyperParams, *, num_seq: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.hparams = hparams
+        self.num_seq = hparams.num_seq if num_seq is None else num_seq
+        self.module_names = list(hparams.edit_modules)
+        pairs = resolve_edit_modules(model, self.module_names)
+        self._modules_ref = dict(pairs)
+        self.shapes = [module_shape(m) for _, m in pairs]
+        self.shared = hparams.shared_hypernet_for(self.num_seq)
+        ranks = hparams.step_ranks(self.num_seq)
+        self.device = device if device is not None else next(model.parameters()).device
+        if self.shared:
+            nets, idx = build_hypernets(self.shapes, ranks[0], hparams.n_blocks, hparams.lr)
+            self.nets = nn.ModuleList([nets])
+        else:
+            built = [build_hypernets(self.shapes, r, hparams.n_blocks, hparams.lr) for r in ranks]
+            idx = built[0][1]
+            self.nets = nn.ModuleList([b[0] for b in built])
+        self.module_idx = idx
+        self.to(self.device)
+
+    # -- structure ------------------------------------------------------------------------
+    def net_for(self, step: int, module_pos: int) -> HyperNet:
+        nets = self.nets[0] if self.shared else self.nets[step]
+        return nets[shape_key(self.shapes[module_pos])]
+
+    def edit_module(self, name: str) -> nn.Module:
+        return self._modules_ref[name]
+
+    def bind(self, model: nn.Module) -> None:
+        """Point at the same-named modules of ``model`` (e.g. after the caller deep-copied it)."""
+        self._modules_ref = dict(resolve_edit_modules(model, self.module_names))
+
+    def describe(self) -> dict:
+        """JSON-able structure used to check an archive against a model."""
+        return {
+            "edit_modules": self.module_names,
+            "shapes": [list(s) for s in self.shapes],
+            "shared": self.shared,
+            "ranks": self.hparams.step_ranks(self.num_seq),
+            "n_blocks": self.hparams.n_blocks,
+        }
+
+    # -- one BP step ----------------------------------------------------------------------
+    def edit_micro_batches(self, tok, prompts: Sequence[str], targets: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Tokenised (prompt, target) tuples cut into micro-batches of ``micro_batch_size``."""
+        size = self.hparams.micro_batch_size
+        return [build_batch(tok, list(prompts[i:i + size]), list(targets[i:i + size]))
+                for i in range(0, len(prompts), size)]
+
+    def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
+                update_normaliser: bool) -> StepRecord:
+        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it."""
+        pairs = [(n, self._modules_ref[n]) for n in self.module_names]
+        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device)
+        if update_normaliser:
+            for pos, name in enumerate(self.module_names):
+                self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
+        shifts, solvers = {}, {}
+        for pos, name in enumerate(self.module_names):
+            c = caches[name]
+            shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
+                                                   c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
+            shifts[name], solvers[name] = shift, solver
+            add_param_shift_(self._modules_ref[name], shift)
+        return StepRecord(step, caches, shifts, solvers)
+
+    def meta_backward(self, record: StepRecord, weight_grads: dict[str, torch.Tensor]) -> None:
+        """Accumulate the hypernetwork gradient of a loss whose weight gradients are ``weight_grads``."""
+        for pos, name in enumerate(self.module_names):
+            c = record.caches[name]
+            accumulate_meta_grad(self.net_for(record.step, pos), self.module_idx[pos], c.keys.to(self.device),
+                                 c.value_grads.to(self.device), record.solvers[name], record.shifts[name],
+                                 weight_grads[name].to(self.device), chunk_size=self.hparams.chunk_size)
+
+    def unique_parameters(self) -> list[nn.Parameter]:
+        """Every hypernetwork parameter once (a shared network is not listed per step, unlike the reference)."""
+        seen: dict[int, nn.Parameter] = {}
+        for p in self.nets.parameters():
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def set_normaliser_frozen(self, frozen: bool) -> None:
+        for nets in self.nets:
+            for net in nets.values():
+                net.normaliser.frozen = frozen
