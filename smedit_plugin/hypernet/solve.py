@@ -1,0 +1,120 @@
+"""The MALMEN ridge least-squares shift and its backward, written once (spec §1.4, §1.5, §8.2, §8.3).
+
+``param_shift = argmin ||K Δ - D||² + λ||Δ||² = (KᵀK + λI)^-1 Kᵀ D``. The matrix is factored once per
+(module, step) and reused by the predict solve and the meta-gradient solve, which the references redo
+from scratch with LU. When there are fewer cached rows than key features the dual (kernel) form
+``Δ = Kᵀ (KKᵀ + λI)^-1 D`` is used: an N×N instead of a d_in×d_in system (push-through identity).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+Form = Literal["auto", "primal", "dual"]
+
+
+def _as_positive_float(lam: Union[float, Tensor]) -> float:
+    value = float(lam.detach()) if isinstance(lam, Tensor) else float(lam)
+    if not value > 0.0 or value == float("inf"):
+        raise ValueError(f"ridge coefficient lam must be a positive finite number, got {value!r}; "
+                         f"lam = exp(lamda) of the hyper-network, check that lamda is finite")
+    return value
+
+
+class RidgeSolve:
+    """A factored ridge system for one module's keys, reusable for the shift and its backward."""
+
+    def __init__(self, keys: Tensor, lam: Union[float, Tensor], *, dtype: torch.dtype = torch.float32,
+                 form: Form = "auto") -> None:
+        if keys.dim() != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
+            raise ValueError(f"keys must be a non-empty [N, d_in] matrix, got shape {tuple(keys.shape)}")
+        if form not in ("auto", "primal", "dual"):
+            raise ValueError(f"form must be 'auto', 'primal' or 'dual', got {form!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype (float32 or float64), got {dtype}")
+        self.lam = _as_positive_float(lam)
+        self.dtype = dtype
+        self.keys = keys.detach().to(dtype)
+        if not torch.isfinite(self.keys).all():
+            raise ValueError("keys contain NaN or inf; the cached activations are corrupt (check the model dtype)")
+        n_rows, d_in = self.keys.shape
+        self.form: Literal["primal", "dual"] = ("primal" if d_in <= n_rows else "dual") if form == "auto" else form
+        gram = self.keys.T @ self.keys if self.form == "primal" else self.keys @ self.keys.T
+        gram.diagonal().add_(self.lam)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        self._factor: Tensor = factor
+        self._pivots: Optional[Tensor] = None
+        if int(info) != 0:
+            warnings.warn(f"ridge matrix ({self.form} form, lam={self.lam:g}, {self.dtype}) is not numerically "
+                          f"positive definite; falling back to an LU solve. Use dtype=torch.float64 or a "
+                          f"larger lamda to restore the Cholesky path", RuntimeWarning, stacklevel=2)
+            self._factor, self._pivots = torch.linalg.lu_factor(gram)
+        self._last_dual: Optional[tuple[Tensor, Tensor]] = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def key_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def uses_cholesky(self) -> bool:
+        return self._pivots is None
+
+    def _solve_gram(self, rhs: Tensor) -> Tensor:
+        if self._pivots is None:
+            return torch.cholesky_solve(rhs, self._factor)
+        return torch.linalg.lu_solve(self._factor, self._pivots, rhs)
+
+    def _check(self, name: str, tensor: Tensor, rows: int, expected_rows: str) -> None:
+        if tensor.dim() != 2 or tensor.shape[0] != rows:
+            raise ValueError(f"{name} must be [{expected_rows}, d_out] = [{rows}, d_out], got {tuple(tensor.shape)}")
+
+    def solve(self, value_diffs: Tensor) -> Tensor:
+        """``param_shift = (KᵀK+λI)^-1 Kᵀ D`` as a [d_in, d_out] matrix in ``value_diffs``' dtype."""
+        self._check("value_diffs", value_diffs, self.n_rows, "N")
+        rhs = value_diffs.detach().to(device=self.keys.device, dtype=self.dtype)
+        if self.form == "primal":
+            param_shift = self._solve_gram(self.keys.T @ rhs).to(value_diffs.dtype)
+        else:
+            coef = self._solve_gram(rhs)
+            param_shift = (self.keys.T @ coef).to(value_diffs.dtype)
+            self._last_dual = (param_shift, coef)
+        return param_shift
+
+    def backward(self, param_shift: Tensor, weight_grad: Tensor) -> tuple[Tensor, Tensor]:
+        """Vector-Jacobian product of :meth:`solve` given ``weight_grad = ∂L/∂param_shift``.
+
+        Returns ``(value_diffs_grad = K (KᵀK+λI)^-1 G, lam_grad = ∂L/∂λ = -<(KᵀK+λI)^-1 G, Δ>)``;
+        multiply ``lam_grad`` by λ for the gradient of the log-parameter ``lamda``.
+        """
+        self._check("weight_grad", weight_grad, self.key_size, "d_in")
+        if param_shift.shape != weight_grad.shape:
+            raise ValueError(f"param_shift {tuple(param_shift.shape)} and weight_grad {tuple(weight_grad.shape)} "
+                             f"must both be [d_in, d_out]")
+        grad = weight_grad.detach().to(device=self.keys.device, dtype=self.dtype)
+        shift = param_shift.detach().to(device=self.keys.device, dtype=self.dtype)
+        if self.form == "primal":
+            mat = self._solve_gram(grad)
+            value_diffs_grad = self.keys @ mat
+            lam_grad = -(mat * shift).sum()
+        else:
+            value_diffs_grad = self._solve_gram(self.keys @ grad)
+            lam_grad = self._dual_lam_grad(param_shift, shift, grad, value_diffs_grad)
+        return value_diffs_grad.to(weight_grad.dtype), lam_grad.to(weight_grad.dtype)
+
+    def _dual_lam_grad(self, param_shift: Tensor, shift: Tensor, grad: Tensor, value_diffs_grad: Tensor) -> Tensor:
+        """``-<A^-1 G, Δ>`` in the dual form.
+
+        For the shift this solver produced (Δ = Kᵀ C) it equals ``-<value_diffs_grad, C>`` exactly, which
+        avoids the cancellation in ``A^-1 G = (G - Kᵀ (KKᵀ+λI)^-1 K G) / λ`` used for any other Δ.
+        """
+        if self._last_dual is not None and self._last_dual[0] is param_shift:
+            return -(value_diffs_grad * self._last_dual[1]).sum()
+        inv_grad = (grad - self.keys.T @ value_diffs_grad) / self.lam
+        return -(inv_grad * shift).sum()
