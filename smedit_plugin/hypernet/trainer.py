@@ -220,10 +220,11 @@ class MetaTrainer:
                 self.state.edits_seen += len(unit)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._mean_edit_lr():.2e}")
                 entry = {"unit": self.state.units_done, "loss": loss, "seconds": self.state.seconds}
-                if validate is not None and self.hp.val_interval and self.state.units_done % self.hp.val_interval == 0:
+                due = self.hp.val_interval and self.state.units_done % self.hp.val_interval == 0
+                if due and validate is not None:
                     entry["val"] = validate()
                 self.state.history.append(entry)
-                if checkpoint is not None:
+                if due and checkpoint is not None:
                     checkpoint(self)
         finally:
             for p in frozen:
