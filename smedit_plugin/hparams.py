@@ -253,7 +253,10 @@ class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
             if choices is not None and conv is not None and conv not in choices:
                 raise HyperParamsError(f"{source}: field {f.name!r} = {conv!r}; choose one of {list(choices)}")
         if self.ALG_NAMES:
-            name = canonical_alg_name(self.alg_name)
+            try:
+                name = canonical_alg_name(self.alg_name)
+            except HyperParamsError as exc:
+                raise HyperParamsError(f"{source}: field 'alg_name': {exc}") from None
             if name not in self.ALG_NAMES:
                 raise HyperParamsError(
                     f"{source}: alg_name {self.alg_name!r} does not belong to {type(self).__name__}; "
