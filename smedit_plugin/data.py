@@ -1,0 +1,367 @@
+"""Edit records: one type for ZsRE and CounterFact, loaders for their file schemas, EasyEdit request dicts.
+
+Loaders read the MEND/ROME ZsRE schema, the full ROME CounterFact schema and the MEND/EasyEdit
+CounterFact split schema (see ``../shared/data/PROVENANCE.md``) into :class:`EditRecord`, and
+raise ``ValueError`` naming the file, the record index and the field for malformed input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+DATASETS = ("zsre", "counterfact")
+NQ_PREFIX = "nq question: "
+LOCALITY_KEY = "neighborhood"
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRecord:
+    """One requested edit with its generalisation (rephrase) and locality probes.
+
+    For CounterFact ``ground_truth`` is the true object (``target_true``); each locality prompt
+    has its own answer in ``locality_answers`` (the true object again for CounterFact).
+    """
+
+    prompt: str
+    target_new: str
+    ground_truth: Optional[str] = None
+    subject: Optional[str] = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[str, ...] = ()
+    locality_answers: tuple[str, ...] = ()
+    case_id: Union[int, str, None] = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "target_new"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"EditRecord.{name} must be a non-empty string, got {value!r}")
+        for name in ("ground_truth", "subject"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"EditRecord.{name} must be a string or None, got {value!r}")
+        for name in ("rephrase_prompts", "locality_prompts", "locality_answers"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"EditRecord.{name} must be a sequence of strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if len(self.locality_prompts) != len(self.locality_answers):
+            raise ValueError(
+                f"EditRecord has {len(self.locality_prompts)} locality_prompts but "
+                f"{len(self.locality_answers)} locality_answers; give one answer per prompt"
+            )
+
+    @property
+    def target_true(self) -> Optional[str]:
+        """CounterFact's name for :attr:`ground_truth`."""
+        return self.ground_truth
+
+
+# --------------------------------------------------------------------------------------------
+# Reading helpers
+# --------------------------------------------------------------------------------------------
+
+def _read_json_list(path: PathLike) -> tuple[Path, list]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+    return p, data
+
+
+def _check_limit(limit: Optional[int]) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+
+
+class _Fields:
+    """Typed field access on one raw record, with errors that name file, record and field."""
+
+    def __init__(self, path: Path, index: int, record: Any) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {index} must be a JSON object, got {type(record).__name__}")
+        self.path, self.index, self.record = path, index, record
+
+    def error(self, field: str, problem: str) -> ValueError:
+        return ValueError(f"{self.path}: record {self.index}: field {field!r} {problem}")
+
+    def get(self, field: str) -> Any:
+        if field not in self.record:
+            raise self.error(field, "is missing")
+        return self.record[field]
+
+    def text(self, field: str, *, allow_empty: bool = False) -> str:
+        value = self.get(field)
+        if not isinstance(value, str):
+            raise self.error(field, f"must be a string, got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            raise self.error(field, "is empty")
+        return value
+
+    def texts(self, field: str) -> tuple[str, ...]:
+        """A string or a list of strings (EasyEdit files use both)."""
+        value = self.get(field)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+            raise self.error(field, "must be a non-empty string or a list of non-empty strings")
+        return tuple(items)
+
+    def case_id(self) -> Union[int, str]:
+        value = self.record.get("case_id", self.index)
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise self.error("case_id", f"must be an int or a string, got {value!r}")
+        return value
+
+
+def _check_subject(fields: _Fields, subject: str, prompt: str, prompt_field: str) -> None:
+    if subject not in prompt:
+        raise fields.error("subject", f"({subject!r}) does not occur in the {prompt_field} ({prompt!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# ZsRE
+# --------------------------------------------------------------------------------------------
+
+def zsre_locality_prompt(loc: str, keep_nq_prefix: bool = False) -> str:
+    """The unrelated NQ question as a prompt: without the ``"nq question: "`` tag, ending in ``"?"``.
+
+    ``keep_nq_prefix=True`` keeps the tag, as the MALMEN/RLEdit/SMEdit reference code does.
+    """
+    question = loc if keep_nq_prefix or not loc.startswith(NQ_PREFIX) else loc[len(NQ_PREFIX):]
+    return question if question.rstrip().endswith("?") else question + "?"
+
+
+def load_zsre(path: PathLike, limit: Optional[int] = None, *, keep_nq_prefix: bool = False) -> list[EditRecord]:
+    """ZsRE in the MEND/ROME schema (``src, rephrase, alt, answers, loc, loc_ans, subject``).
+
+    Records with an empty ``alt`` are skipped (as EasyEdit's ``ZsreDataset`` does); ``case_id`` is
+    the record's index in the file. ``limit`` caps the number of records returned.
+    """
+    _check_limit(limit)
+    p, data = _read_json_list(path)
+    records: list[EditRecord] = []
+    for index, raw in enumerate(data):
+        if limit is not None and len(records) >= limit:
+            break
+        fields = _Fields(p, index, raw)
+        target_new = fields.text("alt", allow_empty=True)
+        if not target_new.strip():
+            continue
+        prompt = fields.text("src")
+        answers = fields.get("answers")
+        if not isinstance(answers, list) or not answers or not isinstance(answers[0], str) or not answers[0].strip():
+            raise fields.error("answers", "must be a non-empty list whose first item is the original answer")
+        subject = fields.text("subject")
+        _check_subject(fields, subject, prompt, "src")
+        records.append(EditRecord(
+            prompt=prompt,
+            target_new=target_new,
+            ground_truth=answers[0],
+            subject=subject,
+            rephrase_prompts=fields.texts("rephrase"),
+            locality_prompts=(zsre_locality_prompt(fields.text("loc"), keep_nq_prefix),),
+            locality_answers=(fields.text("loc_ans"),),
+            case_id=index,
+        ))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# CounterFact
+# --------------------------------------------------------------------------------------------
+
+def _counterfact_rome(fields: _Fields) -> EditRecord:
+    rewrite = fields.get("requested_rewrite")
+    if not isinstance(rewrite, dict):
+        raise fields.error("requested_rewrite", "must be an object")
+    sub = _Fields(fields.path, fields.index, rewrite)
+    template = sub.text("prompt")
+    subject = sub.text("subject")
+    if "{}" not in template:
+        raise fields.error("requested_rewrite.prompt", f"({template!r}) has no '{{}}' placeholder for the subject")
+    targets = {}
+    for name in ("target_new", "target_true"):
+        value = rewrite.get(name)
+        if not isinstance(value, dict) or not isinstance(value.get("str"), str) or not value["str"].strip():
+            raise fields.error(f"requested_rewrite.{name}", "must be an object with a non-empty 'str'")
+        targets[name] = value["str"]
+    neighbours = fields.texts("neighborhood_prompts")
+    return EditRecord(
+        prompt=template.replace("{}", subject, 1),
+        target_new=targets["target_new"],
+        ground_truth=targets["target_true"],
+        subject=subject,
+        rephrase_prompts=fields.texts("paraphrase_prompts"),
+        locality_prompts=neighbours,
+        locality_answers=(targets["target_true"],) * len(neighbours),
+        case_id=fields.case_id(),
+    )
+
+
+def _counterfact_split(fields: _Fields) -> EditRecord:
+    prompt = fields.text("prompt")
+    subject = fields.text("subject")
+    _check_subject(fields, subject, prompt, "prompt")
+    locality_prompts = fields.texts("locality_prompt")
+    locality_answers = fields.texts("locality_ground_truth")
+    if len(locality_answers) == 1 and len(locality_prompts) > 1:
+        locality_answers = locality_answers * len(locality_prompts)
+    if len(locality_answers) != len(locality_prompts):
+        raise fields.error("locality_ground_truth", f"has {len(locality_answers)} answers for {len(locality_prompts)} locality prompts")
+    return EditRecord(
+        prompt=prompt,
+        target_new=fields.text("target_new"),
+        ground_truth=fields.text("ground_truth"),
+        subject=subject,
+        rephrase_prompts=fields.texts("rephrase_prompt"),
+        locality_prompts=locality_prompts,
+        locality_answers=locality_answers,
+        case_id=fields.case_id(),
+    )
+
+
+def counterfact_schema(record: Any) -> str:
+    """``"rome"`` (``requested_rewrite`` ...) or ``"split"`` (MEND/EasyEdit ``prompt, target_new`` ...)."""
+    if isinstance(record, dict) and "requested_rewrite" in record:
+        return "rome"
+    if isinstance(record, dict) and "prompt" in record and "target_new" in record:
+        return "split"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"not a CounterFact record (fields {keys}); expected 'requested_rewrite' or 'prompt'+'target_new'")
+
+
+def load_counterfact(path: PathLike, limit: Optional[int] = None) -> list[EditRecord]:
+    """CounterFact in the full ROME schema or the MEND/EasyEdit split schema (detected from record 0).
+
+    ROME: prompt = template with the subject, rephrases = paraphrase prompts, locality =
+    neighbourhood prompts answered by the true object. Split: one rephrase and one locality prompt.
+    """
+    _check_limit(limit)
+    p, data = _read_json_list(path)
+    if not data:
+        raise ValueError(f"{p}: the file holds no records")
+    try:
+        schema = counterfact_schema(data[0])
+    except ValueError as exc:
+        raise ValueError(f"{p}: record 0: {exc}") from None
+    parse = _counterfact_rome if schema == "rome" else _counterfact_split
+    rows = data if limit is None else data[:limit]
+    return [parse(_Fields(p, index, raw)) for index, raw in enumerate(rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# Any file
+# --------------------------------------------------------------------------------------------
+
+def detect_dataset(path: PathLike) -> str:
+    """``"zsre"`` or ``"counterfact"`` from the fields of a file's first record."""
+    p, data = _read_json_list(path)
+    if not data:
+        raise ValueError(f"{p}: the file holds no records")
+    first = data[0]
+    if isinstance(first, dict) and "src" in first and "alt" in first:
+        return "zsre"
+    try:
+        counterfact_schema(first)
+    except ValueError:
+        fields = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise ValueError(
+            f"{p}: cannot tell the dataset from record 0 (fields {fields}); expected ZsRE "
+            "('src', 'alt', ...) or CounterFact ('requested_rewrite' or 'prompt'+'target_new'); pass dataset="
+        ) from None
+    return "counterfact"
+
+
+def load_records(path: PathLike, dataset: Optional[str] = None, limit: Optional[int] = None) -> list[EditRecord]:
+    """Load ZsRE or CounterFact records; ``dataset=None`` detects it from the file."""
+    if dataset is None:
+        dataset = detect_dataset(path)
+    if dataset == "zsre":
+        return load_zsre(path, limit)
+    if dataset == "counterfact":
+        return load_counterfact(path, limit)
+    raise ValueError(f"unknown dataset {dataset!r}; use one of {list(DATASETS)} or None to detect it")
+
+
+def sample_path(name: str) -> Path:
+    """Path of a data file shipped in the package (``zsre_sample`` or ``zsre_sample_eval``, ``.json`` optional)."""
+    folder = Path(__file__).resolve().parent / "data"
+    filename = name if name.endswith(".json") else f"{name}.json"
+    path = folder / filename
+    if not path.is_file():
+        shipped = sorted(p.stem for p in folder.glob("*.json"))
+        raise FileNotFoundError(f"no packaged sample {name!r}; available: {shipped}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# EasyEdit
+# --------------------------------------------------------------------------------------------
+
+def _one_or_list(values: tuple[str, ...]) -> Union[str, list[str], None]:
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def to_edit_kwargs(records: list[EditRecord], locality_key: str = LOCALITY_KEY) -> dict[str, Any]:
+    """Keyword arguments for ``BaseEditor.edit``/``batch_edit`` (always call EasyEdit with keywords).
+
+    ``rephrase_prompts`` carries each record's first rephrase; ``locality_inputs`` one entry per
+    record under ``locality_key`` (a string, or a list when a record has several locality prompts;
+    None for a record without, which EasyEdit's current source skips); ``subject`` only when every
+    record has one.
+    """
+    if not records:
+        raise ValueError("records is empty; pass at least one EditRecord")
+    for index, record in enumerate(records):
+        if not isinstance(record, EditRecord):
+            raise ValueError(f"records[{index}] is a {type(record).__name__}, not an EditRecord")
+    kwargs: dict[str, Any] = {
+        "prompts": [r.prompt for r in records],
+        "target_new": [r.target_new for r in records],
+        "ground_truth": [r.ground_truth for r in records],
+    }
+    if any(r.rephrase_prompts for r in records):
+        kwargs["rephrase_prompts"] = [r.rephrase_prompts[0] if r.rephrase_prompts else None for r in records]
+    if any(r.locality_prompts for r in records):
+        kwargs["locality_inputs"] = {locality_key: {
+            "prompt": [_one_or_list(r.locality_prompts) for r in records],
+            "ground_truth": [_one_or_list(r.locality_answers) for r in records],
+        }}
+    if all(r.subject is not None for r in records):
+        for index, record in enumerate(records):
+            if record.subject not in record.prompt:
+                raise ValueError(f"records[{index}].subject {record.subject!r} does not occur in its prompt; EasyEdit asserts it does")
+        kwargs["subject"] = [r.subject for r in records]
+    return kwargs
+
+
+def to_requests(records: list[EditRecord], locality_key: str = LOCALITY_KEY) -> list[dict[str, Any]]:
+    """The request dicts EasyEdit's ``_prepare_requests`` builds from :func:`to_edit_kwargs`, same keys and order.
+
+    Use them to call an apply function directly, the way ``BaseEditor`` would.
+    """
+    kwargs = to_edit_kwargs(records, locality_key)
+    requests = [
+        {"prompt": prompt, "target_new": target, "ground_truth": truth, "portability": {}, "locality": {}}
+        for prompt, truth, target in zip(kwargs["prompts"], kwargs["ground_truth"], kwargs["target_new"])
+    ]
+    for request, subject in zip(requests, kwargs.get("subject", ())):
+        request["subject"] = subject
+    for request, rephrase in zip(requests, kwargs.get("rephrase_prompts", ())):
+        request["rephrase_prompt"] = rephrase
+    for key, inputs in kwargs.get("locality_inputs", {}).items():
+        for request, prompt, truth in zip(requests, inputs["prompt"], inputs["ground_truth"]):
+            if prompt is not None:
+                request["locality"][key] = {"prompt": prompt, "ground_truth": truth}
+    return requests
