@@ -39,6 +39,16 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
+def backtracking_weights(batch_index: int, back_depth: int, discount: float, time_decay: float) -> list[float]:
+    """RLEdit loss weights ``gamma^i * mu^j`` of batch ``i - j`` for j = 0 (current) .. ``back_depth - 1``.
+
+    Memory backtracking re-scores up to ``back_depth - 1`` earlier batches of the trajectory (fewer
+    at its start); ``gamma^i`` discounts late batches (spec §4.3, §7 item 5).
+    """
+    depth = min(batch_index + 1, back_depth)
+    return [discount ** batch_index * time_decay ** j for j in range(depth)]
+
+
 def _method_kind(hparams: HypernetHyperParams) -> str:
     name = hparams.alg_name
     if name.startswith("RLEdit"):
@@ -117,12 +127,12 @@ class MetaTrainer:
         for w, eq_mbs, un_mbs, ref in zip(weights, equiv, unrel, refs):
             for mb in eq_mbs:
                 loss = w * answer_cross_entropy(self.model, mb)
-                total += float(loss)
+                total += float(loss.detach())
                 self._grad_of(loss, grads)
             if loc_coef > 0:
                 for mb, ref_logits in zip(un_mbs, ref):
                     loss = w * loc_coef * kl_locality(ref_logits, answer_logits(self.model, mb))
-                    total += float(loss)
+                    total += float(loss.detach())
                     self._grad_of(loss, grads)
         return grads, total
 
@@ -181,8 +191,8 @@ class MetaTrainer:
             for i, batch in enumerate(batches):
                 history.append((self._equiv_mbs(batch), self._unrel_mbs(batch)))
                 if self.kind == "rledit":
-                    window = history[-self.hp.back_depth:][::-1]  # j = 0 is the current batch
-                    weights = [self.hp.discount ** i * self.hp.time_decay ** j for j in range(len(window))]
+                    weights = backtracking_weights(i, self.hp.back_depth, self.hp.discount, self.hp.time_decay)
+                    window = history[::-1][:len(weights)]  # j = 0 is the current batch
                     refs = [self._reference_logits(un) for _, un in window] if self.hp.loc_coef > 0 else [[] for _ in window]
                 else:
                     window, weights, refs = history[-1:], [1.0], [[]]
@@ -234,5 +244,5 @@ class MetaTrainer:
         return self.state
 
     def _mean_edit_lr(self) -> float:
-        values = [float(net.lr.weight.mean()) for nets in self.editor.nets for net in nets.values()]
+        values = [float(net.lr.weight.detach().mean()) for nets in self.editor.nets for net in nets.values()]
         return sum(values) / max(len(values), 1) if values else math.nan
