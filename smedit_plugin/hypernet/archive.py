@@ -52,6 +52,24 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -
     return tensors, {"param_groups": groups, "n_params": len(params)}
 
 
+def _load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor],
+                          opt_meta: dict, path: Union[str, os.PathLike]) -> None:
+    """Adam moments and step counts through ``load_state_dict``, which puts each on the device torch expects.
+
+    Hyperparameters (lr, betas) stay those of the live hparams, so a resumed run can change ``meta_lr``.
+    """
+    if opt_meta.get("n_params") != len(params):
+        raise ArchiveError(f"archive {path}: optimizer state is for {opt_meta.get('n_params')} hypernetwork "
+                           f"tensors, the editor has {len(params)}")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+              for g in opt.param_groups]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
 def save_archive(path: Union[str, os.PathLike], editor: HypernetEditor, *, model_name: str,
                  optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None,
                  extra: Optional[dict[str, Any]] = None) -> Path:
@@ -97,9 +115,13 @@ def read_meta(path: Union[str, os.PathLike]) -> dict[str, Any]:
     if not (p / META).is_file() or not (p / WEIGHTS).is_file():
         raise ArchiveError(f"no hypernetwork archive at {p} (expected {META} and {WEIGHTS}); "
                            "train one with `smedit train HPARAMS --data FILE --out DIR` and set `archive: DIR`")
-    meta = json.loads((p / META).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ArchiveError(f"{p}: unknown archive format {meta.get('format')!r} (expected {FORMAT!r})")
+    try:
+        meta = json.loads((p / META).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"{p / META} is not valid JSON ({exc}); the archive is damaged, train or copy it again") from exc
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        raise ArchiveError(f"{p}: unknown archive format {found!r} (expected {FORMAT!r})")
     return meta
 
 
@@ -132,14 +154,11 @@ def load_archive(path: Union[str, os.PathLike], model: nn.Module, hparams: Hyper
         raise ArchiveError(f"archive {path}: tensors missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
     if not with_optimizer:
         return editor, meta
-    opt = torch.optim.Adam(editor.unique_parameters(), lr=hparams.meta_lr)
+    params = editor.unique_parameters()
+    opt = torch.optim.Adam(params, lr=hparams.meta_lr)
     opt_file = Path(path) / OPTIMIZER
     if opt_file.is_file():
-        params = editor.unique_parameters()
-        tensors = load_file(str(opt_file), device=str(editor.device))
-        for key, value in tensors.items():
-            i, name = key.split(".", 1)
-            opt.state[params[int(i)]][name] = value
+        _load_optimizer_state(opt, params, load_file(str(opt_file)), meta.get("optimizer", {}), path)
     ts = meta.get("train_state")
     state = TrainState(**ts) if ts else TrainState()
     return editor, meta, opt, state
