@@ -1,0 +1,310 @@
+"""The boundary to EasyEdit: importing it, telling its era, and building editors it cannot build itself.
+
+Nothing here imports ``easyeditor`` at module import time: its import calls
+``logging.basicConfig``, (at GitHub HEAD) reseeds every RNG, and on the PyPI wheel fails outright on
+modern transformers. Every function imports it only when asked to.
+
+Eras (contract §1): ``"A"`` is the 2023 PyPI wheel and early GitHub, where the apply function decides
+whether an edit is undone (``keep_original_weight``); ``"C"`` is current GitHub, where the editor
+restores unless ``sequential_edit=True``. The short transition era B has C's editor signature and is
+reported as ``"C"``, which gives the right ``weights_copy`` semantics for its editor too.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import inspect
+import os
+import sys
+import types
+from typing import Any, Iterator, Optional
+
+import torch
+
+#: Names the PyPI wheel imports from ``transformers.modeling_utils`` that moved to ``transformers.pytorch_utils``.
+MOVED_TRANSFORMERS_NAMES = ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
+
+#: Packages EasyEdit imports at top level only for its multimodal (BLIP-2, MiniGPT-4) code.
+VISION_PACKAGES = ("timm", "torchvision")
+
+_ERA: dict[str, str] = {}
+
+
+class EasyEditImportError(ImportError):
+    """``easyeditor`` is missing or cannot be imported; the message says how to fix it."""
+
+
+def install_transformers_shim() -> tuple[str, ...]:
+    """Make the PyPI wheel (``easyeditor==0.0.1.dev0``) importable on transformers >= 4.4x. Opt-in.
+
+    Copies :data:`MOVED_TRANSFORMERS_NAMES` from ``transformers.pytorch_utils`` onto
+    ``transformers.modeling_utils``, where the wheel's BLIP-2 code still imports them from. Call it
+    before EasyEdit is imported. Names already present are left alone; returns the names copied
+    (empty when nothing was needed). ``import smedit_plugin`` never calls it.
+    """
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    copied = []
+    for name in MOVED_TRANSFORMERS_NAMES:
+        if not hasattr(modeling_utils, name) and hasattr(pytorch_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+            copied.append(name)
+    return tuple(copied)
+
+
+class _MissingVisionAttribute:
+    """Stands for a name a vision-dependent EasyEdit module could not define; using it raises ImportError."""
+
+    def __init__(self, qualname: str, package: str) -> None:
+        self._qualname = qualname
+        self._package = package
+
+    def _fail(self) -> ImportError:
+        return ImportError(f"{self._qualname} is unavailable: {self._package} is not installed. Only EasyEdit's "
+                           f"multimodal editors need it; install a {self._package} build that matches your torch")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._fail()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._fail()
+
+
+class _VisionlessModule(types.ModuleType):
+    """An EasyEdit module whose execution stopped at a vision import: names it did not reach are placeholders."""
+
+    _missing_package = "a vision package"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _MissingVisionAttribute(f"{self.__name__}.{name}", self._missing_package)
+
+
+class _VisionTolerantLoader(importlib.abc.Loader):
+    """Runs an EasyEdit module; if it stops only because a missing vision package is imported, keeps the module."""
+
+    def __init__(self, loader: importlib.abc.Loader, missing: tuple[str, ...]) -> None:
+        self._loader = loader
+        self._missing = missing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[types.ModuleType]:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        try:
+            self._loader.exec_module(module)
+        except ModuleNotFoundError as exc:
+            package = (exc.name or "").split(".")[0]
+            if package not in self._missing:
+                raise
+            module.__class__ = _VisionlessModule
+            module._missing_package = package
+
+
+class _VisionTolerantFinder(importlib.abc.MetaPathFinder):
+    """Finds ``easyeditor.*`` modules as usual but loads them with :class:`_VisionTolerantLoader`.
+
+    The vision packages themselves never appear in ``sys.modules``, so other libraries that probe
+    for them (transformers, datasets) still see that they are absent.
+    """
+
+    def __init__(self, missing: tuple[str, ...]) -> None:
+        self.missing = missing
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+        if not fullname.startswith("easyeditor."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _VisionTolerantLoader(spec.loader, self.missing)
+        return spec
+
+
+@contextlib.contextmanager
+def _tolerate_missing_vision() -> Iterator[tuple[str, ...]]:
+    """While the block runs, EasyEdit modules that import an uninstalled vision package load partially."""
+    missing = tuple(p for p in VISION_PACKAGES if importlib.util.find_spec(p) is None)
+    if not missing:
+        yield missing
+        return
+    finder = _VisionTolerantFinder(missing)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield missing
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def _import_hint(exc: ImportError) -> str:
+    """The fix for a failed ``import easyeditor``, from the name that could not be imported."""
+    missing = getattr(exc, "name", None) or ""
+    text = str(exc)
+    if any(name in text for name in MOVED_TRANSFORMERS_NAMES):
+        return ("the PyPI wheel needs smedit_plugin.easyedit.install_transformers_shim() called before EasyEdit is "
+                "imported")
+    if missing.split(".")[0] in VISION_PACKAGES:
+        return (f"{missing} is only used by EasyEdit's multimodal code: install it, or call "
+                "smedit_plugin.easyedit.import_easyeditor(tolerate_missing_vision=True) first")
+    if missing.split(".")[0] == "easyeditor":
+        return ("install EasyEdit: `pip install --no-deps easyeditor==0.0.1.dev0` (plus its import needs, see "
+                "tests/easyedit_env.md) or put a GitHub checkout of EasyEdit on PYTHONPATH")
+    if missing:
+        return f"EasyEdit imports {missing!r}: install the package that provides it"
+    return "see the error above"
+
+
+def import_easyeditor(*, tolerate_missing_vision: bool = False) -> types.ModuleType:
+    """Import ``easyeditor`` (once per process) or raise :class:`EasyEditImportError` saying how to fix it.
+
+    ``tolerate_missing_vision=True``: if ``timm``/``torchvision`` are not installed (CPU-only torch
+    builds often have no matching torchvision), the EasyEdit modules that import them at top level
+    (BLIP-2 and its processors, multimodal only) load as far as they get; the names they could not
+    define raise ImportError when used. Text editing never uses them.
+    """
+    if "easyeditor" in sys.modules:
+        return sys.modules["easyeditor"]
+    tolerance = _tolerate_missing_vision() if tolerate_missing_vision else contextlib.nullcontext(())
+    with tolerance:
+        try:
+            return importlib.import_module("easyeditor")
+        except ImportError as exc:
+            raise EasyEditImportError(f"cannot import easyeditor ({exc}); {_import_hint(exc)}") from exc
+
+
+def easyedit_capabilities(easyeditor: Optional[types.ModuleType] = None) -> dict[str, bool]:
+    """What the loaded EasyEdit offers, found by looking, not by version strings (none are reliable).
+
+    Keys: ``sequential_edit`` (``BaseEditor.edit`` takes it: era C), ``normalize_device`` (CPU-capable
+    device handling), ``restore_after_edit`` (centralised restore), ``hparams_to_dict``.
+    """
+    if easyeditor is None:
+        easyeditor = import_easyeditor()
+    editor_module = importlib.import_module("easyeditor.editors.editor")
+    editors_utils = sys.modules.get("easyeditor.editors.utils")
+    device_module = sys.modules.get("easyeditor.util.device")
+    hparams_module = importlib.import_module("easyeditor.util.hparams")
+    return {
+        "sequential_edit": "sequential_edit" in inspect.signature(editor_module.BaseEditor.edit).parameters,
+        "normalize_device": hasattr(device_module, "normalize_device"),
+        "restore_after_edit": hasattr(editor_module, "restore_after_edit") or hasattr(editors_utils, "restore_after_edit"),
+        "hparams_to_dict": hasattr(hparams_module.HyperParams, "to_dict"),
+    }
+
+
+def detect_era(*, allow_import: bool = True) -> Optional[str]:
+    """``"A"`` or ``"C"`` for the EasyEdit of this process, None when it cannot be imported.
+
+    ``allow_import=False`` only looks at an EasyEdit that is already loaded (and returns None
+    otherwise), for callers that must not trigger EasyEdit's import side effects. A detected era is
+    cached; None is not, so a later successful import is still seen.
+    """
+    if "era" in _ERA:
+        return _ERA["era"]
+    if not allow_import and "easyeditor.editors.editor" not in sys.modules:
+        return None
+    try:
+        capabilities = easyedit_capabilities(import_easyeditor())
+    except EasyEditImportError:
+        return None
+    _ERA["era"] = "C" if capabilities["sequential_edit"] else "A"
+    return _ERA["era"]
+
+
+def describe_model(model: torch.nn.Module, name: Optional[str] = None) -> str:
+    """A string for ``editor.model_name`` that EasyEdit's substring tests read correctly.
+
+    EasyEdit evaluation switches to its seq2seq code when ``'t5'`` occurs anywhere in the name, so a
+    decoder-only model whose path happens to contain ``t5`` is described by its architecture only.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    source = name or getattr(config, "_name_or_path", "") or ""
+    base = os.path.basename(os.path.normpath(source)) if source else ""
+    described = f"{model_type}:{base}" if base else str(model_type)
+    is_t5 = "t5" in str(model_type).lower()
+    if "t5" in described.lower() and not is_t5:
+        return str(model_type)
+    return described
+
+
+def _era_a_device(hparams: Any) -> int:
+    """The GPU index the PyPI wheel formats into ``cuda:{device}``; it cannot run anywhere else."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the installed EasyEdit is the PyPI wheel (era A), whose BaseEditor hard-codes 'cuda:{device}' "
+            "and cannot run without CUDA. Use EasyEdit's GitHub source (see tests/easyedit_env.md) on CPU, or "
+            "call the plugin's apply functions directly"
+        )
+    device = getattr(hparams, "device", None)
+    if device is None:
+        return 0
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    text = str(device).strip()
+    if text.isdigit():
+        return int(text)
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    if text == "cuda":
+        return 0
+    raise ValueError(f"hparams field 'device' = {device!r}: the PyPI EasyEdit needs a GPU index such as 0")
+
+
+def _with_model(hparams: Any, **changes: Any) -> Any:
+    """A copy of ``hparams`` with ``changes``; the caller's object is never mutated (EasyEdit mutates its copy)."""
+    if hasattr(hparams, "replace"):
+        return hparams.replace(**changes)
+    if dataclasses.is_dataclass(hparams):
+        return dataclasses.replace(hparams, **changes)
+    raise TypeError(f"hparams must be a plugin hparams object or an EasyEdit HyperParams dataclass, "
+                    f"got {type(hparams).__name__}")
+
+
+def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
+                name: Optional[str] = None) -> Any:
+    """A ``BaseEditor`` for a model EasyEdit cannot load by name (Gemma, ``smollm2-135m``, a model in memory).
+
+    Give ``model`` and ``tokenizer``, or only ``name`` (loaded with
+    :func:`smedit_plugin.models.load_model_and_tokenizer`), or neither (``hparams.model_name`` is
+    used). The editor gets a copy of ``hparams`` whose ``model_name`` is the ``(model, tokenizer)``
+    tuple; afterwards ``editor.model_name`` is set to a descriptive string because EasyEdit's
+    evaluation calls ``.lower()`` on it. A tokenizer without a pad token gets its eos token as pad.
+    The plugin methods must already be registered (:func:`smedit_plugin.registry.register`).
+    """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("load_editor needs both model and tokenizer, or neither (then `name` or hparams.model_name "
+                         "is loaded)")
+    source = hparams.model_name if name is None else name
+    if model is None and not isinstance(source, tuple) and not (isinstance(source, str) and source.strip()):
+        raise ValueError(f"hparams field 'model_name' = {source!r}: give a model name or pass model= and tokenizer=")
+    import_easyeditor()
+    changes: dict[str, Any] = {}
+    if detect_era() == "A":
+        changes["device"] = _era_a_device(hparams)
+    if model is None and isinstance(source, tuple):
+        model, tokenizer = source
+    elif model is None:
+        from .models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(source, device=getattr(hparams, "device", None),
+                                                    model_parallel=bool(getattr(hparams, "model_parallel", False)))
+        name = source
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before load_editor")
+        tokenizer.pad_token = tokenizer.eos_token
+    editor_class = importlib.import_module("easyeditor.editors.editor").BaseEditor
+    editor = editor_class.from_hparams(_with_model(hparams, model_name=(model, tokenizer), **changes))
+    editor.model_name = describe_model(model, name)
+    return editor
