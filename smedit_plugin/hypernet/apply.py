@@ -6,6 +6,7 @@ singleton that could outlive the model (contract §1.3, §7.4).
 """
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from typing import Any, Optional, Sequence
@@ -28,8 +29,10 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
         raise ValueError("requests must be a non-empty list of dicts with 'prompt' and 'target_new'")
     prompts, targets = [], []
     for i, req in enumerate(requests):
+        if not isinstance(req, dict):
+            raise ValueError(f"request {i} must be a dict with 'prompt' and 'target_new', got {type(req).__name__}")
         for key in ("prompt", "target_new"):
-            value = req.get(key) if isinstance(req, dict) else None
+            value = req.get(key)
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"request {i}: field {key!r} must be a non-empty string, got {value!r}")
         prompts.append(req["prompt"])
@@ -38,14 +41,19 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
 
 
 def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor:
-    """The trained editor named by ``hparams.archive``, loaded once per (model, archive, archive mtime)."""
+    """The trained editor named by ``hparams.archive``, loaded once per (model, archive, archive mtime, hparams).
+
+    The hparams are part of the key because the editor keeps the ones it was loaded with
+    (``bp_steps``, ``micro_batch_size``, ...); a later call with other values must not reuse them.
+    """
     if not hparams.archive:
         raise ArchiveError(f"{hparams.alg_name} needs a trained hypernetwork: set `archive:` in the hparams to the "
                            "directory written by `smedit train` (see hparams/TRAINING/)")
     meta_file = os.path.join(hparams.archive, "meta.json")
     stamp = os.path.getmtime(meta_file) if os.path.isfile(meta_file) else None
     device = resolve_device(hparams.hypernet_device) if hparams.hypernet_device is not None else None
-    key = (os.path.abspath(hparams.archive), stamp, str(device))
+    key = (os.path.abspath(hparams.archive), stamp, str(device),
+           json.dumps(hparams.to_dict(), sort_keys=True, default=str))
     per_model = _EDITORS.setdefault(model, {})
     if key not in per_model:
         editor, _ = load_archive(hparams.archive, model, hparams, device=device)
