@@ -91,7 +91,9 @@ class HyperBlock(nn.Module):
         nn.init.zeros_(self.shift.weight)
 
     def forward(self, h: Tensor, module_idx: int) -> Tensor:
-        z = torch.relu(h @ self.A @ self.B + self.bias)
+        # clamp(min=0), not relu: at init B = 0 and bias = 0 make every pre-activation exactly 0, where
+        # relu's gradient is 0 (A, B, bias and scale would never train) but clamp's is 1, as in MALMEN.
+        z = (h @ self.A @ self.B + self.bias).clamp(min=0)
         return self.scale.weight[module_idx] * z + self.shift.weight[module_idx] + h
 
 
