@@ -1,0 +1,233 @@
+"""COMEBA-HK and MEMIT-C: one consecutive editing step (spec 2.4) and EasyEdit's apply function.
+
+A step, for a batch of requests and the edited layers ``L`` (lowest first):
+
+1. on first use, create the state: ``C_accu = lambda E[kk^T]``, ``delta_w = 0``, ``alpha = alpha_z``,
+   context templates sampled once from the unedited model;
+2. target values ``Z`` at the last edited block, with validated hooks (previous ``alpha``);
+3. switch every hook to *temporary*; for each layer ``l`` in order: keys ``K_l`` and ``cur``,
+   ``R_l = (Z - cur) / (|L| - i)``, ``Delta_l = R_l K_l^T (C_accu + K_l K_l^T)^{-1}`` (Eq. 13),
+   ``delta_w += Delta_l``, ``C_accu += K_l K_l^T``, hook on ``l`` becomes *validated*;
+4. calibrate ``alpha_l <- min(alpha_l, min_x max_t z_t)`` on the batch's prompts with recording hooks.
+
+MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and no hooks.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..devices import model_input_device
+from ..models import weight_shape_in_out
+from .compute_ks import compute_keys_and_cur
+from .compute_z import compute_target_values
+from .covariance import second_moments
+from .hparams import COMEBAHKHyperParams
+from .hook_layers import HOOK_ATTR, HookController, HookLayer
+from .modules import (final_logit_softcap, frozen_eval, get_module, num_layers, stop_after, weight_out_in)
+from .scope import alpha_candidate, next_alpha
+from .state import (attach_state, find_state, hook_layers, original_fingerprint, remove_hook_layers, set_mode,
+                    state_parameters)
+from .templates import EditRequest, TokenView, generate_context_templates, prepare_requests
+from .update import accumulate_keys, consecutive_update, initial_c_accu, spread_residual
+
+
+class _Modules:
+    """Every module the method touches, looked up (and checked) before anything changes."""
+
+    def __init__(self, model: nn.Module, hp: COMEBAHKHyperParams) -> None:
+        depth = num_layers(model)
+        bad = [layer for layer in hp.layers if layer >= depth]
+        if bad:
+            raise ValueError(f"hparams field 'layers' has {bad}, but {type(model).__name__} has {depth} layers (0..{depth - 1})")
+        if hp.v_loss_layer >= depth:
+            raise ValueError(f"hparams field 'v_loss_layer' = {hp.v_loss_layer} but the model has {depth} layers; "
+                             f"use {depth - 1} (the last layer)")
+        self.names = hp.rewrite_module_names()
+        self.rewrite = [get_module(model, name, "rewrite_module_tmp") for name in self.names]
+        for name, module in zip(self.names, self.rewrite):
+            try:
+                weight_shape_in_out(module)
+            except ValueError as exc:
+                raise ValueError(f"hparams field 'rewrite_module_tmp': {name}: {exc}") from None
+        self.blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp") for layer in hp.layers]
+        self.z_block = self.blocks[-1]
+        self.loss_block = get_module(model, hp.layer_module_tmp.format(max(hp.v_loss_layer, hp.layers[-1])),
+                                     "layer_module_tmp")
+        self.ln_f = get_module(model, hp.ln_f_module, "ln_f_module")
+        self.lm_head = get_module(model, hp.lm_head_module, "lm_head_module")
+        if not isinstance(getattr(self.lm_head, "weight", None), torch.Tensor) or self.lm_head.weight.dim() != 2:
+            raise ValueError(f"hparams field 'lm_head_module': {hp.lm_head_module} has no [vocab, hidden] weight")
+        self.softcap = final_logit_softcap(model)
+
+
+def _check_existing_state(controller: HookController, hp: COMEBAHKHyperParams, names: list[str]) -> None:
+    info = controller.info
+    if info["alg_name"] != hp.alg_name or info["rewrite_modules"] != names:
+        raise ValueError(
+            f"the model already carries {info['alg_name']} state for {info['rewrite_modules']}, but these hparams ask for "
+            f"{hp.alg_name} on {names}; use the same method and layers, or call "
+            "smedit_plugin.comeba_hk.remove_hook_layers(model) first"
+        )
+
+
+def _create_state(model: nn.Module, tok: Any, hp: COMEBAHKHyperParams, mods: _Modules,
+                  device: torch.device) -> HookController:
+    """Statistics, context templates and fresh hook layers (spec 2.4 step 1)."""
+    dtype = torch.float64 if hp.mom2_dtype == "float64" else torch.float32
+    fingerprint = original_fingerprint(model)
+    with frozen_eval(model):
+        if hp.mom2_adjustment:
+            moments = second_moments(model, tok, dict(zip(mods.names, mods.rewrite)), mods.rewrite[-1],
+                                     dataset=hp.mom2_dataset, n_samples=hp.mom2_n_samples, max_len=hp.mom2_max_len,
+                                     dtype=dtype, stats_dir=hp.stats_dir, fingerprint=fingerprint)
+        else:
+            moments = {name: torch.eye(weight_shape_in_out(m)[0], dtype=dtype, device=m.weight.device)
+                       for name, m in zip(mods.names, mods.rewrite)}
+        templates = generate_context_templates(model, tok, hp.context_template_length_params, hp.seed, device)
+    c_accus = [initial_c_accu(moments[name], hp.mom2_update_weight, hp.cov_ridge, hp.cov_shrinkage).to(dtype)
+               for name in mods.names]
+    info = {"alg_name": hp.alg_name, "layers": list(hp.layers), "rewrite_modules": mods.names,
+            "templates": templates, "bos_id": TokenView(tok).bos_id, "fingerprint": fingerprint}
+    return attach_state(model, info, c_accus, hp.alpha_z if hp.hooks_enabled else None, hp.ddof,
+                        hp.mask_padding, hp.mask_bos)
+
+
+@torch.no_grad()
+def calibrate_alpha(model: nn.Module, view: TokenView, requests: Sequence[EditRequest], layers: list[HookLayer],
+                    z_block: nn.Module, device: torch.device) -> list[Optional[float]]:
+    """Spec 2.4 step 7: recording hooks, one forward on the bare edit prompts, ``alpha <- min(alpha, alpha_c)``."""
+    ids, mask = view.right_pad([view.encode(r.prompt) for r in requests], device)
+    set_mode(layers, "recording")
+    with stop_after(z_block):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    candidates = []
+    for layer in layers:
+        candidate = alpha_candidate(layer.recorded[0])
+        layer.alpha.fill_(next_alpha(float(layer.alpha), candidate))
+        candidates.append(candidate)
+    return candidates
+
+
+def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: COMEBAHKHyperParams,
+              controller: HookController, mods: _Modules) -> dict[str, Any]:
+    """One consecutive step on an attached state; returns diagnostics (z losses, residual norms, alphas)."""
+    view = TokenView(tok)
+    device = model_input_device(model)
+    groups = controller.info["templates"]
+    layers = [getattr(m, HOOK_ATTR) for m in mods.rewrite]
+    hooks = hp.hooks_enabled
+    report: dict[str, Any] = {"residual_norms": []}
+    try:
+        with frozen_eval(model):
+            if hooks:
+                set_mode(layers, "validated")
+            z, z_info = compute_target_values(model, view, requests, groups, mods.z_block, mods.loss_block, mods.ln_f,
+                                              mods.lm_head, mods.softcap, hp, device)
+            report.update(z_info)
+            if hooks:
+                set_mode(layers, "temporary")
+            for i, (module, layer) in enumerate(zip(mods.rewrite, layers)):
+                keys, cur = compute_keys_and_cur(model, view, requests, groups, module, mods.z_block, device)
+                residuals = spread_residual(z, cur, i, len(layers))
+                c_accu = layer.c_accu
+                delta = consecutive_update(residuals.to(c_accu.device), keys.to(c_accu.device), c_accu)
+                with torch.no_grad():
+                    if hooks:
+                        layer.delta_w.add_(delta.to(layer.delta_w.dtype))
+                        layer.mode = "validated"
+                    else:
+                        weight = weight_out_in(module)
+                        weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+                    accumulate_keys(c_accu, keys.to(c_accu.device))
+                report["residual_norms"].append(float(residuals.norm(dim=0).mean()))
+            if hooks:
+                report["alpha_candidates"] = calibrate_alpha(model, view, requests, layers, mods.z_block, device)
+                report["alpha"] = [float(layer.alpha) for layer in layers]
+            with torch.no_grad():
+                controller.steps.add_(1)
+    finally:
+        if hooks:
+            set_mode(layers, "validated")
+    return report
+
+
+def _easyedit_era() -> Optional[str]:
+    """``"A"`` (PyPI: the apply function decides restores), ``"C"`` (HEAD: the editor does), None (not EasyEdit).
+
+    Only looks at an EasyEdit that is already imported: the caller is EasyEdit exactly when it is.
+    """
+    editor = sys.modules.get("easyeditor.editors.editor")
+    base = getattr(editor, "BaseEditor", None)
+    if base is None:
+        return None
+    import inspect
+
+    return "C" if "sequential_edit" in inspect.signature(base.edit).parameters else "A"
+
+
+def weights_copy_for_caller(originals: dict[str, torch.Tensor], return_orig_weights: bool,
+                            keep_original_weight: bool) -> dict[str, torch.Tensor]:
+    """EasyEdit's ``weights_copy`` semantics (contract 1.3): era A returns ``{}`` unless asked to restore."""
+    if not return_orig_weights:
+        return {}
+    if _easyedit_era() == "A" and not keep_original_weight:
+        return {}
+    return originals
+
+
+def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict], hparams: COMEBAHKHyperParams,
+                             copy: bool = False, return_orig_weights: bool = False, keep_original_weight: bool = False,
+                             **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """EasyEdit apply function for COMEBA-HK and MEMIT-C: one consecutive step, in place.
+
+    The model keeps its hook state between calls (consecutive editing). ``weights_copy`` maps
+    parameter names to their values before this call: for COMEBA-HK only the hook parameters
+    (``...comeba_hook.delta_w``/``c_accu``/``alpha``, ``comeba_hk_state.steps``), so EasyEdit's
+    restore rolls the hooks back and the original weights are never touched; for MEMIT-C also the
+    edited weights. If anything fails mid-edit the model and its state are put back as they were.
+    Unknown keyword arguments (``train_ds``, ...) are ignored.
+    """
+    if not isinstance(hparams, COMEBAHKHyperParams):
+        raise TypeError(f"hparams must be COMEBAHKHyperParams, got {type(hparams).__name__}")
+    prepared = prepare_requests(requests)
+    view = TokenView(tok)
+    for request in prepared:
+        view.encode_target(request.target_new)
+    if copy:
+        model = copy_module.deepcopy(model)
+    mods = _Modules(model, hparams)
+    controller = find_state(model)
+    if controller is not None:
+        _check_existing_state(controller, hparams, mods.names)
+    created = controller is None
+    if created:
+        controller = _create_state(model, tok, hparams, mods, model_input_device(model))
+    else:
+        _adopt_scope_options(model, controller, hparams)
+    tracked = dict(state_parameters(model))
+    if not hparams.hooks_enabled:
+        tracked.update({f"{name}.weight": m.weight for name, m in zip(mods.names, mods.rewrite)})
+    originals = {name: p.detach().clone() for name, p in tracked.items()}
+    try:
+        edit_step(model, tok, prepared, hparams, controller, mods)
+    except BaseException:
+        with torch.no_grad():
+            for name, p in tracked.items():
+                p.copy_(originals[name])
+        if created:
+            remove_hook_layers(model)
+        raise
+    return model, weights_copy_for_caller(originals, return_orig_weights, keep_original_weight)
+
+
+def _adopt_scope_options(model: nn.Module, controller: HookController, hp: COMEBAHKHyperParams) -> None:
+    """Scope-test options (``ddof``, padding/BOS masking) follow the hparams of the latest call."""
+    controller.scope.mask_padding = hp.mask_padding
+    controller.scope.mask_bos = hp.mask_bos
+    for layer in hook_layers(model, controller):
+        layer.ddof = hp.ddof

@@ -1,0 +1,60 @@
+"""The consecutive update (paper Eq. 13-15) and MEMIT's residual spreading, as pure float64 functions.
+
+Shapes follow the paper: ``keys`` ``K`` is ``[f, n]`` (one column per request), ``residuals``
+``R`` is ``[d, n]`` and a weight update ``Delta`` is ``[d, f]`` (``d_out x d_in``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^{-1} b`` for a symmetric positive (semi)definite ``a``: Cholesky, else LU, else least squares.
+
+    ``C_accu`` is SPD whenever ``lambda * E[kk^T]`` is; a singular covariance (tiny corpus, lambda 0)
+    falls through to the more tolerant solvers instead of failing.
+    """
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, factor)
+    solution, info = torch.linalg.solve_ex(a, b)
+    if int(info) == 0 and torch.isfinite(solution).all():
+        return solution
+    return torch.linalg.lstsq(a, b).solution
+
+
+def consecutive_update(residuals: torch.Tensor, keys: torch.Tensor, c_accu: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: ``Delta = R K^T (C_accu + K K^T)^{-1}`` in float64.
+
+    ``c_accu`` is everything seen before this batch (``lambda E[kk^T] + sum_t K_t K_t^T``); with a fresh
+    ``c_accu = lambda C0`` this is exactly MEMIT's ``R [(lambda C0 + K K^T)^{-1} K]^T``.
+    """
+    k = keys.double()
+    system = c_accu.double() + k @ k.T
+    solved = solve_spd(system, k)
+    return residuals.double() @ solved.T
+
+
+def accumulate_keys(c_accu: torch.Tensor, keys: torch.Tensor) -> None:
+    """Eq. 15: ``C_accu += K K^T`` in place (summed in float64, stored in ``c_accu``'s dtype)."""
+    k = keys.double()
+    c_accu.copy_((c_accu.double() + k @ k.T).to(c_accu.dtype))
+
+
+def spread_residual(targets: torch.Tensor, current: torch.Tensor, index: int, n_layers: int) -> torch.Tensor:
+    """MEMIT's share of the remaining residual for the ``index``-th edited layer: ``(Z - cur) / (|L| - i)``."""
+    if not 0 <= index < n_layers:
+        raise ValueError(f"layer index {index} outside 0..{n_layers - 1}")
+    return (targets.double() - current.double()) / (n_layers - index)
+
+
+def initial_c_accu(c0: torch.Tensor, weight: float, ridge: float = 0.0, shrinkage: float = 0.0) -> torch.Tensor:
+    """``lambda * C0'`` with ``C0' = (1 - rho) C0 + rho tr(C0)/f I + beta I`` (spec 6.3, A19), in float64."""
+    c = c0.double()
+    f = c.shape[0]
+    eye = torch.eye(f, dtype=torch.float64, device=c.device)
+    if shrinkage:
+        c = (1.0 - shrinkage) * c + shrinkage * (torch.trace(c) / f) * eye
+    if ridge:
+        c = c + ridge * eye
+    return weight * c
