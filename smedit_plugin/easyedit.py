@@ -146,22 +146,31 @@ def _tolerate_missing_vision() -> Iterator[tuple[str, ...]]:
         sys.meta_path.remove(finder)
 
 
+def _shim_missing() -> bool:
+    """True when the PyPI wheel would fail on this transformers and the shim is not installed yet."""
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    return any(not hasattr(modeling_utils, n) and hasattr(pytorch_utils, n) for n in MOVED_TRANSFORMERS_NAMES)
+
+
 def _import_hint(exc: ImportError) -> str:
-    """The fix for a failed ``import easyeditor``, from the name that could not be imported."""
-    missing = getattr(exc, "name", None) or ""
-    text = str(exc)
-    if any(name in text for name in MOVED_TRANSFORMERS_NAMES):
-        return ("the PyPI wheel needs smedit_plugin.easyedit.install_transformers_shim() called before EasyEdit is "
-                "imported")
-    if missing.split(".")[0] in VISION_PACKAGES:
-        return (f"{missing} is only used by EasyEdit's multimodal code: install it, or call "
-                "smedit_plugin.easyedit.import_easyeditor(tolerate_missing_vision=True) first")
-    if missing.split(".")[0] == "easyeditor":
-        return ("install EasyEdit: `pip install --no-deps easyeditor==0.0.1.dev0` (plus its import needs, see "
-                "tests/easyedit_env.md) or put a GitHub checkout of EasyEdit on PYTHONPATH")
-    if missing:
-        return f"EasyEdit imports {missing!r}: install the package that provides it"
-    return "see the error above"
+    """How to fix a failed ``import easyeditor``, from the name that could not be imported."""
+    missing = (getattr(exc, "name", None) or "").split(".")[0]
+    if missing == "easyeditor":
+        return ("install EasyEdit: `pip install --no-deps easyeditor==0.0.1.dev0` plus what its import needs (see "
+                "tests/easyedit_env.md), or put a GitHub checkout of EasyEdit on PYTHONPATH")
+    shim = ("for the PyPI wheel call smedit_plugin.easyedit.install_transformers_shim() before EasyEdit is "
+            "imported")
+    if any(name in str(exc) for name in MOVED_TRANSFORMERS_NAMES):
+        return shim
+    hints = [shim] if _shim_missing() else []
+    if missing in VISION_PACKAGES:
+        hints.append(f"{missing} is only used by EasyEdit's multimodal code: install it, or import EasyEdit with "
+                     "smedit_plugin.easyedit.import_easyeditor(tolerate_missing_vision=True)")
+    elif missing:
+        hints.append(f"EasyEdit imports {missing!r}: install the package that provides it")
+    return "; ".join(hints) or "see the chained exception"
 
 
 def import_easyeditor(*, tolerate_missing_vision: bool = False) -> types.ModuleType:
