@@ -14,10 +14,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..devices import resolve_device
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from .archive import ArchiveError, load_archive
-from .editor import HypernetEditor
+from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 
 _EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HypernetEditor]]" = weakref.WeakKeyDictionary()
@@ -51,7 +50,7 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
                            "directory written by `smedit train` (see hparams/TRAINING/)")
     meta_file = os.path.join(hparams.archive, "meta.json")
     stamp = os.path.getmtime(meta_file) if os.path.isfile(meta_file) else None
-    device = resolve_device(hparams.hypernet_device) if hparams.hypernet_device is not None else None
+    device = hypernet_device(hparams)
     key = (os.path.abspath(hparams.archive), stamp, str(device),
            json.dumps(hparams.to_dict(), sort_keys=True, default=str))
     per_model = _EDITORS.setdefault(model, {})

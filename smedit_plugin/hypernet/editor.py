@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..devices import resolve_device
 from ..models import resolve_edit_modules
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
@@ -19,6 +20,11 @@ from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
+
+
+def hypernet_device(hparams: HypernetHyperParams) -> Optional[torch.device]:
+    """``hparams.hypernet_device`` resolved, or None for "the model's device" (training and editing alike)."""
+    return resolve_device(hparams.hypernet_device) if hparams.hypernet_device is not None else None
 
 
 @dataclasses.dataclass

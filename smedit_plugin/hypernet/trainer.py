@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data import EditRecord
 from ..text import build_batch
-from .editor import HypernetEditor
+from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 from .losses import answer_cross_entropy, answer_logits, kl_locality
 from .shifts import to_in_out
@@ -67,7 +67,7 @@ class MetaTrainer:
         self.tok = tok
         self.hp = hparams
         self.kind = _method_kind(hparams)
-        self.editor = editor if editor is not None else HypernetEditor(model, hparams)
+        self.editor = editor if editor is not None else HypernetEditor(model, hparams, device=hypernet_device(hparams))
         self.sequential = hparams.num_seq > 1
         self.opt = optimizer if optimizer is not None else torch.optim.Adam(self.editor.unique_parameters(), lr=hparams.meta_lr)
         self.state = state if state is not None else TrainState()
@@ -195,7 +195,8 @@ class MetaTrainer:
                     window = history[::-1][:len(weights)]  # j = 0 is the current batch
                     refs = [self._reference_logits(un) for _, un in window] if self.hp.loc_coef > 0 else [[] for _ in window]
                 else:
-                    window, weights, refs = history[-1:], [1.0], [[]]
+                    window, weights = history[-1:], [1.0]
+                    refs = [self._reference_logits(history[-1][1]) if getattr(self.hp, "loc_coef", 0.0) > 0 else []]
                 edit = self._edit_mbs(batch)
                 recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True) for s in range(self.hp.bp_steps)]
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights)

@@ -14,7 +14,7 @@ from ..data import EditRecord
 from ..evaluation import evaluate_records
 from .apply import apply_steps
 from .archive import load_archive, read_meta, save_archive
-from .editor import HypernetEditor
+from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 from .trainer import MetaTrainer, TrainState
 
@@ -69,7 +69,7 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
     out = Path(out_dir)
     name = model_name or (hparams.model_name if isinstance(hparams.model_name, str) else "in-memory-model")
     if resume and (out / "meta.json").is_file() and read_meta(out).get("train_state"):
-        editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True)
+        editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True, device=hypernet_device(hparams))
         trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt, state=state)
     else:
         torch.manual_seed(hparams.seed)
