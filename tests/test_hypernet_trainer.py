@@ -310,9 +310,25 @@ def test_rledit2_trajectory_scores_the_backtracking_window(tiny, records, monkey
     assert_same_params(model, before)
 
 
-@pytest.mark.xfail(strict=True, reason="HyperBlock applies torch.relu, whose gradient at 0 is 0: with B = 0 and "
-                   "bias = 0 at init no gradient ever reaches A, B, bias or scale, so they never train. The MALMEN "
-                   "reference block uses clamp(0), which passes gradient at 0. Remove this mark once fixed.")
+def test_malmen_sequential_keeps_its_kl_term(tiny, records, monkeypatch) -> None:
+    model, tok = fresh(tiny), tiny[1]
+    hp = MALMEN2HyperParams(alg_name="MALMEN1", hypernet_device="cpu", **{**SMALL, "num_seq": 2})
+    trainer = MetaTrainer(model, tok, hp)
+    assert trainer.sequential and trainer.editor.device == torch.device("cpu")
+    calls: list[tuple[list, list]] = []
+    meta_loss = trainer._meta_loss_grads
+
+    def spy(equiv, unrel, refs, weights):
+        calls.append((unrel, refs))
+        return meta_loss(equiv, unrel, refs, weights)
+
+    monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
+    trainer.train(records, progress=False)
+    assert len(calls) == 2
+    for unrel, refs in calls:  # reference logits for every unrelated micro-batch of the current batch
+        assert len(unrel) == len(refs) == 1 and len(refs[0]) == len(unrel[0]) == 1
+        assert refs[0][0].shape[0] == int((unrel[0][0]["labels"] != -100).sum())
+
 def test_a_training_step_reaches_the_low_rank_blocks(tiny, records) -> None:
     trainer = MetaTrainer(fresh(tiny), tiny[1], MALMEN2HyperParams(alg_name="MALMEN1", **SMALL))
     seen = record_optimizer_grads(trainer)
