@@ -39,8 +39,8 @@ def _check_texts(prompts: Sequence[str], answers: Sequence[str]) -> None:
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompts[{i}] is empty or not a string ({prompt!r}); every example needs a prompt")
-        if not isinstance(answer, str):
-            raise ValueError(f"answers[{i}] must be a string, got {type(answer).__name__}")
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"answers[{i}] is empty or not a string ({answer!r}); every example needs an answer")
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:

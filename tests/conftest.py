@@ -1,0 +1,62 @@
+"""Shared fixtures: the real SmolLM2 testbed, tiny real-depth models, and the project's real data files.
+
+Data lives next to the repository (``../shared/data``), as in CI. The ``smollm2`` fixture is
+session-scoped and shared: tests that change its weights must restore them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _data_file(relative: str) -> Path:
+    path = DATA / relative
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def zsre_train_path() -> Path:
+    return _data_file("zsre/zsre_train.json")
+
+
+@pytest.fixture(scope="session")
+def zsre_eval_path() -> Path:
+    return _data_file("zsre/zsre_eval.json")
+
+
+@pytest.fixture(scope="session")
+def counterfact_eval_path() -> Path:
+    """Full ROME schema (``requested_rewrite``, paraphrase and neighbourhood prompts)."""
+    return _data_file("counterfact/counterfact_eval.json")
+
+
+@pytest.fixture(scope="session")
+def counterfact_train_path() -> Path:
+    """MEND/EasyEdit split schema (``prompt, target_new, ground_truth, ...``)."""
+    return _data_file("counterfact/counterfact_train.json")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    """Real SmolLM2-135M-Instruct (fp32, CPU), converted from its GGUF once and then read from the cache."""
+    from smedit_plugin.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2-135m", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Callable[..., tuple[Any, Any]]:
+    """Factory ``tiny(arch="smollm2", n_layers=None, seed=0)`` -> a fresh random ``(model, tokenizer)``."""
+    from smedit_plugin.models import tiny_model
+
+    def make(arch: str = "smollm2", n_layers: Optional[int] = None, seed: int = 0) -> tuple[Any, Any]:
+        return tiny_model(arch, seed=seed, n_layers=n_layers)
+
+    return make
