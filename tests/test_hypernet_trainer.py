@@ -329,7 +329,9 @@ def test_malmen_sequential_keeps_its_kl_term(tiny, records, monkeypatch) -> None
         assert len(unrel) == len(refs) == 1 and len(refs[0]) == len(unrel[0]) == 1
         assert refs[0][0].shape[0] == int((unrel[0][0]["labels"] != -100).sum())
 
+
 def test_a_training_step_reaches_the_low_rank_blocks(tiny, records) -> None:
+    """B = 0 and bias = 0 at init put every pre-activation at exactly 0: the gradient must still get through."""
     trainer = MetaTrainer(fresh(tiny), tiny[1], MALMEN2HyperParams(alg_name="MALMEN1", **SMALL))
     seen = record_optimizer_grads(trainer)
     trainer.train(records, progress=False)
