@@ -21,10 +21,8 @@ from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.hypernet.workflow import train_hypernet
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.malmen2.main import apply_malmen2_to_model
-from smedit_plugin.models import tiny_model
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2, lr=1e-3, meta_lr=1e-3,
              n_edits=2, micro_batch_size=2, chunk_size=3, max_steps=1)
@@ -33,8 +31,9 @@ TARGETS = ["Rome", "Satya Nadella"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("smollm2", n_layers=4)
+def tiny4(tiny):
+    """One random 4-layer SmolLM2-shaped model per module; tests edit deep copies of it."""
+    return tiny("smollm2", n_layers=4)
 
 
 def trained_looking(editor: HypernetEditor, seed: int) -> HypernetEditor:
@@ -56,8 +55,8 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("hp", [MALMEN2HyperParams(**SMALL), SMEditHyperParams(**{**SMALL, "num_seq": 2})],
                          ids=["malmen2-shared", "smedit-seq-step-specific"])
-def test_round_trip_gives_bit_identical_shifts(tiny, tmp_path, hp) -> None:
-    model, tok = tiny
+def test_round_trip_gives_bit_identical_shifts(tiny4, tmp_path, hp) -> None:
+    model, tok = tiny4
     editor = trained_looking(HypernetEditor(model, hp), seed=1)
     save_archive(tmp_path / "arch", editor, model_name="tiny-smollm2")
     loaded, meta = load_archive(tmp_path / "arch", model, hp)
@@ -80,8 +79,8 @@ def test_round_trip_gives_bit_identical_shifts(tiny, tmp_path, hp) -> None:
         assert torch.equal(edited[0][name], original[name]) == (name.removesuffix(".weight") not in MODULES)
 
 
-def test_mismatched_archive_is_rejected_listing_what_differs(tiny, tmp_path) -> None:
-    model, _ = tiny
+def test_mismatched_archive_is_rejected_listing_what_differs(tiny4, tmp_path) -> None:
+    model, _ = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     path = save_archive(tmp_path / "arch", HypernetEditor(model, hp), model_name="tiny-smollm2")
     other_layer = MODULES[:2] + ["model.layers.3.mlp.down_proj"]
@@ -107,8 +106,8 @@ def test_mismatched_archive_is_rejected_listing_what_differs(tiny, tmp_path) -> 
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_missing_or_unset_archive_is_a_clear_error(tiny, tmp_path) -> None:
-    model, tok = tiny
+def test_missing_or_unset_archive_is_a_clear_error(tiny4, tmp_path) -> None:
+    model, tok = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     with pytest.raises(ArchiveError, match="no hypernetwork archive at .*expected meta.json and hypernet.safetensors"):
         load_archive(tmp_path / "nowhere", model, hp)
@@ -121,8 +120,8 @@ def test_missing_or_unset_archive_is_a_clear_error(tiny, tmp_path) -> None:
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_corrupt_archives_raise_archive_errors(tiny, tmp_path) -> None:
-    model, _ = tiny
+def test_corrupt_archives_raise_archive_errors(tiny4, tmp_path) -> None:
+    model, _ = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     path = save_archive(tmp_path / "arch", HypernetEditor(model, hp), model_name="tiny-smollm2")
     meta_file = path / "meta.json"
@@ -141,8 +140,8 @@ def test_corrupt_archives_raise_archive_errors(tiny, tmp_path) -> None:
         load_archive(path, model, hp)
 
 
-def test_archive_holds_only_safetensors_and_json(tiny, tmp_path) -> None:
-    model, _ = tiny
+def test_archive_holds_only_safetensors_and_json(tiny4, tmp_path) -> None:
+    model, _ = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     editor = HypernetEditor(model, hp)
     opt = torch.optim.Adam(editor.unique_parameters(), lr=hp.meta_lr)
@@ -165,8 +164,8 @@ def test_archive_holds_only_safetensors_and_json(tiny, tmp_path) -> None:
     assert "pickle" not in imported and {"load_file", "save_file"} <= called
 
 
-def test_failed_save_keeps_the_previous_archive(tiny, tmp_path, monkeypatch) -> None:
-    model, _ = tiny
+def test_failed_save_keeps_the_previous_archive(tiny4, tmp_path, monkeypatch) -> None:
+    model, _ = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     first = trained_looking(HypernetEditor(model, hp), seed=2)
     path = save_archive(tmp_path / "arch", first, model_name="tiny-smollm2")
@@ -187,9 +186,9 @@ def test_failed_save_keeps_the_previous_archive(tiny, tmp_path, monkeypatch) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arch"]  # no temporary directories left behind
 
 
-def test_resume_after_two_units_equals_one_run(tiny, tmp_path) -> None:
-    model, tok = tiny
-    records = load_records(DATA / "zsre" / "zsre_train.json", dataset="zsre", limit=8)
+def test_resume_after_two_units_equals_one_run(tiny4, tmp_path, zsre_train_path) -> None:
+    model, tok = tiny4
+    records = load_records(zsre_train_path, dataset="zsre", limit=8)
     hp = MALMEN2HyperParams(**{**SMALL, "alg_name": "MALMEN1", "loc_coef": 0.0, "max_steps": 3, "seed": 5})
     one = train_hypernet(copy.deepcopy(model), tok, hp, records, tmp_path / "one", progress=False)
     assert one.state.units_done == 3 and one.state.optimizer_steps == 3

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from smedit_plugin import editing
-from smedit_plugin.data import load_records
+from smedit_plugin.data import EditRecord, load_records
 from smedit_plugin.hypernet import apply as apply_module
 from smedit_plugin.hypernet import editor as editor_module
 from smedit_plugin.hypernet.archive import save_archive
@@ -21,14 +21,12 @@ from smedit_plugin.hypernet.network import shape_key
 from smedit_plugin.hypernet.shifts import add_param_shift_, predict_param_shift
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.malmen2.main import apply_malmen2_to_model
-from smedit_plugin.models import tiny_model
 from smedit_plugin.rledit2.hparams import RLEdit2HyperParams
 from smedit_plugin.rledit2.main import apply_rledit2_to_model
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 from smedit_plugin.smedit.main import apply_smedit_to_model
 from smedit_plugin.text import build_batch
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 WEIGHTS = [f"{m}.weight" for m in MODULES]
 SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2, lr=1e-3, micro_batch_size=2,
@@ -36,14 +34,15 @@ SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("smollm2", n_layers=4)
+def tiny4(tiny):
+    """One random 4-layer SmolLM2-shaped model per module; tests edit deep copies of it."""
+    return tiny("smollm2", n_layers=4)
 
 
-def make_archive(model: nn.Module, tok, hp: HypernetHyperParams, path: Path, seed: int) -> HypernetHyperParams:
+def make_archive(model: nn.Module, tok, hp: HypernetHyperParams, path: Path, records: list[EditRecord],
+                 seed: int) -> HypernetHyperParams:
     """Save an editor as training would leave it: statistics of real cached rows, weights moved off their init."""
     editor = HypernetEditor(model, hp)
-    records = load_records(DATA / "zsre" / "zsre_train.json", dataset="zsre", limit=4)
     pairs = [(n, model.get_submodule(n)) for n in MODULES]
     batch = build_batch(tok, [r.prompt for r in records], [r.target_new for r in records])
     caches = cache_keys_and_value_grads(model, pairs, [batch])
@@ -59,14 +58,20 @@ def make_archive(model: nn.Module, tok, hp: HypernetHyperParams, path: Path, see
 
 
 @pytest.fixture(scope="module")
-def malmen2(tiny, tmp_path_factory) -> MALMEN2HyperParams:
-    return make_archive(*tiny, MALMEN2HyperParams(**SMALL), tmp_path_factory.mktemp("malmen2") / "archive", seed=0)
+def train_records(zsre_train_path) -> list[EditRecord]:
+    return load_records(zsre_train_path, dataset="zsre", limit=4)
 
 
 @pytest.fixture(scope="module")
-def requests() -> list[dict]:
+def malmen2(tiny4, tmp_path_factory, train_records) -> MALMEN2HyperParams:
+    return make_archive(*tiny4, MALMEN2HyperParams(**SMALL), tmp_path_factory.mktemp("malmen2") / "archive",
+                        train_records, seed=0)
+
+
+@pytest.fixture(scope="module")
+def requests(zsre_eval_path) -> list[dict]:
     """Request dicts with the keys, in the order, EasyEdit's ``_prepare_requests`` builds them."""
-    records = load_records(DATA / "zsre" / "zsre_eval.json", dataset="zsre", limit=2)
+    records = load_records(zsre_eval_path, dataset="zsre", limit=2)
     out = []
     for r in records:
         req = {"prompt": r.prompt, "target_new": r.target_new, "ground_truth": r.ground_truth, "portability": {},
@@ -92,8 +97,8 @@ def changed(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
-def test_edits_in_place_and_weights_copy_restores_bit_exactly(tiny, malmen2, requests) -> None:
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+def test_edits_in_place_and_weights_copy_restores_bit_exactly(tiny4, malmen2, requests) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), tiny4[1]
     for name, p in model.named_parameters():
         p.requires_grad_("layers.1" in name)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -119,8 +124,8 @@ def test_edits_in_place_and_weights_copy_restores_bit_exactly(tiny, malmen2, req
     assert not changed(model, before)
 
 
-def test_weights_copy_follows_the_easyedit_era(tiny, malmen2, requests, monkeypatch) -> None:
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+def test_weights_copy_follows_the_easyedit_era(tiny4, malmen2, requests, monkeypatch) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), tiny4[1]
     _, none_asked = apply_malmen2_to_model(model, tok, requests[:1], malmen2, return_orig_weights=False)
     monkeypatch.setattr(editing, "detect_era", lambda **kwargs: "A")
     _, accumulate = apply_malmen2_to_model(model, tok, requests[:1], malmen2, return_orig_weights=True)
@@ -131,8 +136,8 @@ def test_weights_copy_follows_the_easyedit_era(tiny, malmen2, requests, monkeypa
     assert list(restore) == WEIGHTS and all(torch.equal(restore[n], before[n]) for n in WEIGHTS)
 
 
-def test_a_failure_mid_edit_restores_the_weights(tiny, malmen2, requests, monkeypatch) -> None:
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+def test_a_failure_mid_edit_restores_the_weights(tiny4, malmen2, requests, monkeypatch) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), tiny4[1]
     before = weights_of(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     real = editor_module.predict_param_shift
@@ -186,8 +191,8 @@ class DropsAnswer:
       {"prompt": "The CEO of Apple is", "target_new": "VANISH"}], ValueError, "answers\\[1\\].*zero tokens"),
 ], ids=["empty", "str", "not-a-dict", "empty-target", "blank-target", "list-target", "none-prompt", "no-prompt",
         "zero-tokens"])
-def test_bad_requests_raise_before_any_weight_changes(tiny, malmen2, monkeypatch, bad, error, needle) -> None:
-    model, tok = copy.deepcopy(tiny[0]), DropsAnswer(tiny[1], "VANISH")
+def test_bad_requests_raise_before_any_weight_changes(tiny4, malmen2, monkeypatch, bad, error, needle) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), DropsAnswer(tiny4[1], "VANISH")
     before = weights_of(model)
     added: list[int] = []
     monkeypatch.setattr(editor_module, "add_param_shift_", lambda *a, **k: added.append(1))
@@ -196,14 +201,14 @@ def test_bad_requests_raise_before_any_weight_changes(tiny, malmen2, monkeypatch
     assert added == [] and not changed(model, before)
 
 
-def test_wrong_hparams_class_is_a_type_error(tiny, malmen2, requests) -> None:
-    model = copy.deepcopy(tiny[0])
+def test_wrong_hparams_class_is_a_type_error(tiny4, malmen2, requests) -> None:
+    model = copy.deepcopy(tiny4[0])
     with pytest.raises(TypeError, match="apply_smedit_to_model needs SMEditHyperParams, got MALMEN2HyperParams"):
-        apply_smedit_to_model(model, tiny[1], requests, malmen2)
+        apply_smedit_to_model(model, tiny4[1], requests, malmen2)
 
 
-def test_copy_true_leaves_the_original_untouched(tiny, malmen2, requests) -> None:
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+def test_copy_true_leaves_the_original_untouched(tiny4, malmen2, requests) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), tiny4[1]
     before = weights_of(model)
     out, weights_copy = apply_malmen2_to_model(model, tok, requests, malmen2, copy=True, return_orig_weights=True)
     assert out is not model and not changed(model, before)
@@ -213,9 +218,9 @@ def test_copy_true_leaves_the_original_untouched(tiny, malmen2, requests) -> Non
                for n in WEIGHTS)
 
 
-def test_bf16_model_with_fp32_hypernet(tiny, malmen2, requests) -> None:
-    tok = tiny[1]
-    fp32, bf16 = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[0]).to(torch.bfloat16)
+def test_bf16_model_with_fp32_hypernet(tiny4, malmen2, requests) -> None:
+    tok = tiny4[1]
+    fp32, bf16 = copy.deepcopy(tiny4[0]), copy.deepcopy(tiny4[0]).to(torch.bfloat16)
     before32, before16 = weights_of(fp32), weights_of(bf16)
     apply_malmen2_to_model(fp32, tok, requests, malmen2)
     _, weights_copy = apply_malmen2_to_model(bf16, tok, requests, malmen2, return_orig_weights=True)
@@ -231,19 +236,19 @@ def test_bf16_model_with_fp32_hypernet(tiny, malmen2, requests) -> None:
         assert torch.nn.functional.cosine_similarity(shift16, shift32, dim=0) > 0.99
 
 
-def test_editors_are_cached_per_model_and_hparams(tiny, malmen2, requests, monkeypatch) -> None:
-    tok = tiny[1]
+def test_editors_are_cached_per_model_and_hparams(tiny4, malmen2, requests, monkeypatch) -> None:
+    tok = tiny4[1]
     loads: list[int] = []
     real = apply_module.load_archive
     monkeypatch.setattr(apply_module, "load_archive", lambda *a, **k: (loads.append(1), real(*a, **k))[1])
-    model = copy.deepcopy(tiny[0])
+    model = copy.deepcopy(tiny4[0])
     apply_malmen2_to_model(model, tok, requests[:1], malmen2)
     apply_malmen2_to_model(model, tok, requests[:1], malmen2)
     assert len(loads) == 1
     one_per_mb = malmen2.replace(micro_batch_size=1)
     assert apply_module.editor_for(model, one_per_mb).hparams.micro_batch_size == 1
     assert len(loads) == 2
-    other = copy.deepcopy(tiny[0])
+    other = copy.deepcopy(tiny4[0])
     apply_malmen2_to_model(other, tok, requests[:1], malmen2)
     assert len(loads) == 3 and apply_module.editor_for(other, malmen2) is not apply_module.editor_for(model, one_per_mb)
     cached = len(apply_module._EDITORS)
@@ -253,13 +258,13 @@ def test_editors_are_cached_per_model_and_hparams(tiny, malmen2, requests, monke
 
 
 @pytest.mark.parametrize("method", ["SMEdit", "RLEdit2"])
-def test_step_specific_networks_apply_stacked_steps(tiny, requests, tmp_path, method) -> None:
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+def test_step_specific_networks_apply_stacked_steps(tiny4, requests, train_records, tmp_path, method) -> None:
+    model, tok = copy.deepcopy(tiny4[0]), tiny4[1]
     if method == "SMEdit":
         hp, apply = SMEditHyperParams(**SMALL, num_seq=2), apply_smedit_to_model
     else:
         hp, apply = RLEdit2HyperParams(**SMALL, num_seq=2), apply_rledit2_to_model
-    hp = make_archive(model, tok, hp, tmp_path / "archive", seed=1)
+    hp = make_archive(model, tok, hp, tmp_path / "archive", train_records, seed=1)
     reference = copy.deepcopy(model)
     out, _ = apply(model, tok, requests, hp)
 

@@ -7,7 +7,6 @@ in sequential mode, step-specific networks with rank decay, RLEdit's backtrackin
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,10 @@ from smedit_plugin.hypernet.losses import answer_cross_entropy, answer_logits, k
 from smedit_plugin.hypernet.shifts import accumulate_meta_grad, add_param_shift_, predict_param_shift, weight_grad_in_out
 from smedit_plugin.hypernet.trainer import MetaTrainer, backtracking_weights
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
-from smedit_plugin.models import tiny_model
 from smedit_plugin.rledit2.hparams import RLEdit2HyperParams
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 from smedit_plugin.text import build_batch
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Two up_proj modules share one (64, 128) network (module_idx 0 and 1); down_proj has its own.
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2, lr=1e-3, meta_lr=1e-3,
@@ -33,18 +30,19 @@ SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("smollm2", n_layers=4)
+def tiny4(tiny):
+    """One random 4-layer SmolLM2-shaped model per module; tests edit deep copies of it."""
+    return tiny("smollm2", n_layers=4)
 
 
 @pytest.fixture(scope="module")
-def records() -> list[EditRecord]:
-    return load_records(DATA / "zsre" / "zsre_train.json", dataset="zsre", limit=12)
+def records(zsre_train_path) -> list[EditRecord]:
+    return load_records(zsre_train_path, dataset="zsre", limit=12)
 
 
-def fresh(tiny) -> nn.Module:
+def fresh(tiny4) -> nn.Module:
     """A private copy of the tiny model, so tests cannot leak edits into each other."""
-    return copy.deepcopy(tiny[0])
+    return copy.deepcopy(tiny4[0])
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,8 +111,8 @@ def malmen_by_hand(model: nn.Module, tok, editor: HypernetEditor, batch: list[Ed
     return grads, shifts
 
 
-def test_malmen1_batch_through_the_trainer_equals_malmen_by_hand(tiny, records) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_malmen1_batch_through_the_trainer_equals_malmen_by_hand(tiny4, records) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     hp = MALMEN2HyperParams(alg_name="MALMEN1", max_grad_norm=1e-4, **SMALL)
     torch.manual_seed(0)
     trainer = MetaTrainer(model, tok, hp)
@@ -141,8 +139,8 @@ def test_malmen1_batch_through_the_trainer_equals_malmen_by_hand(tiny, records) 
     assert_same_params(model, before)
 
 
-def test_malmen2_with_a_frozen_network_stacks_two_steps(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_malmen2_with_a_frozen_network_stacks_two_steps(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     hp = MALMEN2HyperParams(**{**SMALL, "meta_lr": 0.0})
     torch.manual_seed(0)
     trainer = MetaTrainer(model, tok, hp)
@@ -178,8 +176,8 @@ def test_malmen2_with_a_frozen_network_stacks_two_steps(tiny, records, monkeypat
         assert torch.equal(value, nets_before[key]), key  # meta_lr 0: only the normaliser statistics moved
 
 
-def test_batch_training_moves_the_hypernet_and_restores_weights_and_flags(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_batch_training_moves_the_hypernet_and_restores_weights_and_flags(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     for name, p in model.named_parameters():
         p.requires_grad_("layers.2" in name or "embed" in name)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -204,13 +202,13 @@ def test_batch_training_moves_the_hypernet_and_restores_weights_and_flags(tiny, 
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     after = trainer.editor.nets.state_dict()
     for key in after:
-        if key.endswith(("lr.weight", "lamda.weight", "shift.weight")):
+        if key.endswith(("lr.weight", "lamda.weight", "shift.weight", ".B", ".bias")):
             assert not torch.equal(after[key], nets_before[key]), f"{key} did not move"
     assert [h["unit"] for h in state.history] == [1, 2] and all(h["loss"] > 0 for h in state.history)
 
 
-def test_smedit_batch_shares_one_network_with_an_adam_step_per_bp_step(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_smedit_batch_shares_one_network_with_an_adam_step_per_bp_step(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     hp = SMEditHyperParams(**{**SMALL, "max_steps": 2})
     trainer = MetaTrainer(model, tok, hp)
     editor = trainer.editor
@@ -230,21 +228,21 @@ def test_smedit_batch_shares_one_network_with_an_adam_step_per_bp_step(tiny, rec
     assert {float(trainer.opt.state[p]["step"]) for p in listed} == {4.0}  # no duplicated parameters
 
 
-def test_shift_penalty_adds_two_reg_coef_shift_to_weight_grads(tiny) -> None:
+def test_shift_penalty_adds_two_reg_coef_shift_to_weight_grads(tiny4) -> None:
     hp = SMEditHyperParams(**{**SMALL, "reg_coef": 0.25})
-    trainer = MetaTrainer(fresh(tiny), tiny[1], hp)
+    trainer = MetaTrainer(fresh(tiny4), tiny4[1], hp)
     gen = torch.Generator().manual_seed(0)
     shifts = {"a": torch.randn(3, 2, generator=gen), "b": torch.randn(2, 2, generator=gen)}
     grads = {"a": torch.randn(3, 2, generator=gen)}
     out = trainer._add_shift_penalty(grads, shifts, 0.5)
     torch.testing.assert_close(out["a"], grads["a"] + 2 * 0.25 * 0.5 * shifts["a"], rtol=0, atol=0)
     torch.testing.assert_close(out["b"], 2 * 0.25 * 0.5 * shifts["b"], rtol=0, atol=0)  # no CE gradient there
-    malmen = MetaTrainer(fresh(tiny), tiny[1], MALMEN2HyperParams(**SMALL))
+    malmen = MetaTrainer(fresh(tiny4), tiny4[1], MALMEN2HyperParams(**SMALL))
     assert malmen._add_shift_penalty(grads, shifts, 1.0) is grads  # MALMEN has no l2 term
 
 
-def test_smedit_sequential_trains_step_specific_nets_with_rank_decay(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_smedit_sequential_trains_step_specific_nets_with_rank_decay(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     before = params_of(model)
     hp = SMEditHyperParams(**{**SMALL, "num_seq": 2})
     trainer = MetaTrainer(model, tok, hp)
@@ -278,8 +276,8 @@ def test_backtracking_weights() -> None:
     assert backtracking_weights(4, 1, 0.5, 0.95) == pytest.approx([0.5 ** 4])
 
 
-def test_rledit2_trajectory_scores_the_backtracking_window(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_rledit2_trajectory_scores_the_backtracking_window(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     before = params_of(model)
     hp = RLEdit2HyperParams(**{**SMALL, "num_seq": 3, "back_depth": 2, "discount": 0.9, "time_decay": 0.5,
                                "loc_coef": 0.0})
@@ -310,8 +308,8 @@ def test_rledit2_trajectory_scores_the_backtracking_window(tiny, records, monkey
     assert_same_params(model, before)
 
 
-def test_malmen_sequential_keeps_its_kl_term(tiny, records, monkeypatch) -> None:
-    model, tok = fresh(tiny), tiny[1]
+def test_malmen_sequential_keeps_its_kl_term(tiny4, records, monkeypatch) -> None:
+    model, tok = fresh(tiny4), tiny4[1]
     hp = MALMEN2HyperParams(alg_name="MALMEN1", hypernet_device="cpu", **{**SMALL, "num_seq": 2})
     trainer = MetaTrainer(model, tok, hp)
     assert trainer.sequential and trainer.editor.device == torch.device("cpu")
@@ -330,9 +328,9 @@ def test_malmen_sequential_keeps_its_kl_term(tiny, records, monkeypatch) -> None
         assert refs[0][0].shape[0] == int((unrel[0][0]["labels"] != -100).sum())
 
 
-def test_a_training_step_reaches_the_low_rank_blocks(tiny, records) -> None:
+def test_a_training_step_reaches_the_low_rank_blocks(tiny4, records) -> None:
     """B = 0 and bias = 0 at init put every pre-activation at exactly 0: the gradient must still get through."""
-    trainer = MetaTrainer(fresh(tiny), tiny[1], MALMEN2HyperParams(alg_name="MALMEN1", **SMALL))
+    trainer = MetaTrainer(fresh(tiny4), tiny4[1], MALMEN2HyperParams(alg_name="MALMEN1", **SMALL))
     seen = record_optimizer_grads(trainer)
     trainer.train(records, progress=False)
     names = [n for n, _ in trainer.editor.nets.named_parameters()]
