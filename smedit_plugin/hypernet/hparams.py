@@ -57,7 +57,7 @@ class HypernetHyperParams(MethodHyperParams):
     n_epochs: int = F(default=1, metadata={"range": (1, None)})
     max_steps: int = F(default=-1, metadata={"range": (-1, None), "help": "training batches (batch mode) or sequences; -1 = one full pass"})
     cumulative_steps: bool = F(default=True, metadata={"help": "BP steps stack during training as at edit time (paper); false = reference code"})
-    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate every N optimiser steps (0 = only at the end)"})
+    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate (and checkpoint) every N training units: batches, or trajectories when num_seq > 1 (0 = only at the end)"})
     val_n_edits: int = F(default=64, metadata={"range": (1, None)})
     seed: int = 0
 
