@@ -12,6 +12,7 @@ reported as ``"C"``, which gives the right ``weights_copy`` semantics for its ed
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 import importlib.abc
@@ -247,15 +248,8 @@ def describe_model(model: torch.nn.Module, name: Optional[str] = None) -> str:
     return described
 
 
-def _era_a_device(hparams: Any) -> int:
-    """The GPU index the PyPI wheel formats into ``cuda:{device}``; it cannot run anywhere else."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "the installed EasyEdit is the PyPI wheel (era A), whose BaseEditor hard-codes 'cuda:{device}' "
-            "and cannot run without CUDA. Use EasyEdit's GitHub source (see tests/easyedit_env.md) on CPU, or "
-            "call the plugin's apply functions directly"
-        )
-    device = getattr(hparams, "device", None)
+def pypi_device_index(device: Any) -> int:
+    """The GPU index the PyPI wheel formats into ``cuda:{device}`` (None -> 0, ``"cuda:1"`` -> 1, ``"2"`` -> 2)."""
     if device is None:
         return 0
     if isinstance(device, int) and not isinstance(device, bool):
@@ -263,21 +257,36 @@ def _era_a_device(hparams: Any) -> int:
     text = str(device).strip()
     if text.isdigit():
         return int(text)
-    if text.startswith("cuda:") and text[5:].isdigit():
-        return int(text[5:])
     if text == "cuda":
         return 0
-    raise ValueError(f"hparams field 'device' = {device!r}: the PyPI EasyEdit needs a GPU index such as 0")
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    raise ValueError(f"hparams field 'device' = {device!r}: the PyPI EasyEdit runs on a GPU only; give its index, "
+                     "e.g. 0 or 'cuda:0'")
 
 
-def _with_model(hparams: Any, **changes: Any) -> Any:
-    """A copy of ``hparams`` with ``changes``; the caller's object is never mutated (EasyEdit mutates its copy)."""
-    if hasattr(hparams, "replace"):
-        return hparams.replace(**changes)
-    if dataclasses.is_dataclass(hparams):
-        return dataclasses.replace(hparams, **changes)
-    raise TypeError(f"hparams must be a plugin hparams object or an EasyEdit HyperParams dataclass, "
-                    f"got {type(hparams).__name__}")
+def _require_cuda_for_era_a() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the installed EasyEdit is the PyPI wheel (era A): its BaseEditor hard-codes 'cuda:{device}' and "
+            "cannot run without CUDA. On CPU use EasyEdit's GitHub source (see tests/easyedit_env.md), or call "
+            "the plugin's apply functions directly"
+        )
+
+
+def _editor_hparams(hparams: Any, model: torch.nn.Module, tokenizer: Any, **changes: Any) -> Any:
+    """A validated copy of ``hparams`` whose ``model_name`` is ``(model, tokenizer)``.
+
+    The model is shared, never copied; every other field is deep-copied, so what EasyEdit changes
+    on its hparams (PyPI sets ``batch_size = 1``) never reaches the caller's object.
+    """
+    if not dataclasses.is_dataclass(hparams) or isinstance(hparams, type):
+        raise TypeError(f"hparams must be a plugin or EasyEdit HyperParams dataclass instance, got "
+                        f"{type(hparams).__name__}")
+    values = {f.name: copy.deepcopy(getattr(hparams, f.name))
+              for f in dataclasses.fields(hparams) if f.init and f.name != "model_name"}
+    values.update(changes)
+    return type(hparams)(model_name=(model, tokenizer), **values)
 
 
 def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer: Any = None,
@@ -300,7 +309,8 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
     import_easyeditor()
     changes: dict[str, Any] = {}
     if detect_era() == "A":
-        changes["device"] = _era_a_device(hparams)
+        _require_cuda_for_era_a()
+        changes["device"] = pypi_device_index(getattr(hparams, "device", None))
     if model is None and isinstance(source, tuple):
         model, tokenizer = source
     elif model is None:
@@ -314,6 +324,6 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
             raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before load_editor")
         tokenizer.pad_token = tokenizer.eos_token
     editor_class = importlib.import_module("easyeditor.editors.editor").BaseEditor
-    editor = editor_class.from_hparams(_with_model(hparams, model_name=(model, tokenizer), **changes))
+    editor = editor_class.from_hparams(_editor_hparams(hparams, model, tokenizer, **changes))
     editor.model_name = describe_model(model, name)
     return editor

@@ -242,3 +242,49 @@ def test_register_without_the_documented_import_says_how_to_fix_it(tmp_path) -> 
     assert "install_transformers_shim()" in result["error"]
     if importlib.util.find_spec("torchvision") is None:
         assert "tolerate_missing_vision=True" in result["error"]
+
+
+# -- load_editor on the installed EasyEdit (runs on HEAD in tests/test_easyedit_head.py) ----------------
+
+def test_load_editor_on_the_pypi_wheel_without_cuda_fails_before_loading(ee, monkeypatch) -> None:
+    import torch
+
+    if easyedit.detect_era() != "A" or torch.cuda.is_available():
+        pytest.skip("needs the PyPI wheel (era A) on a machine without CUDA")
+    from smedit_plugin import models
+    from smedit_plugin.hparams import MethodHyperParams
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded when the editor cannot run")
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", must_not_load)
+    hparams = MethodHyperParams(alg_name="SMEdit", model_name="smollm2-135m", device=None)
+    with pytest.raises(RuntimeError, match=r"PyPI wheel.*cuda:\{device\}.*GitHub source"):
+        easyedit.load_editor(hparams)
+
+
+@pytest.mark.parametrize("device, index", [(None, 0), (0, 0), (3, 3), ("1", 1), ("cuda", 0), ("cuda:2", 2)])
+def test_pypi_device_index(device, index) -> None:
+    assert easyedit.pypi_device_index(device) == index
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:x", "mps", True])
+def test_pypi_device_index_rejects_what_the_wheel_cannot_use(device) -> None:
+    with pytest.raises(ValueError, match="field 'device'"):
+        easyedit.pypi_device_index(device)
+
+
+def test_describe_model_keeps_easyedits_t5_test_truthful() -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+        t5 = T5ForConditionalGeneration(T5Config(d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2,
+                                                 vocab_size=16))
+    assert easyedit.describe_model(gpt2, "/runs/tiny-gpt2/") == "gpt2:tiny-gpt2"
+    assert easyedit.describe_model(gpt2, "/home/matt5/gpt2") == "gpt2:gpt2"  # EasyEdit would see 't5' in the path
+    assert easyedit.describe_model(gpt2, "/runs/gpt2-ft5") == "gpt2"  # ... and score a decoder as seq2seq
+    assert easyedit.describe_model(gpt2) == "gpt2"
+    assert easyedit.describe_model(t5, "google/t5-small") == "t5:t5-small"
+    assert "t5" in easyedit.describe_model(t5).lower()
