@@ -37,6 +37,12 @@ COMMANDS: dict[str, CommandSpec] = {
     "info": CommandSpec("versions, devices, EasyEdit era and registered methods", "smedit_plugin.cli:setup_info"),
     "base-eval": CommandSpec("metrics of the unedited model on ZsRE or CounterFact records",
                              "smedit_plugin.cli:setup_base_eval"),
+    "train": CommandSpec("train a hypernetwork method (SMEdit, MALMEN2/1, RLEdit2/1) into an archive",
+                         "smedit_plugin.commands:setup_train"),
+    "demo": CommandSpec("train SMEdit on the bundled ZsRE sample and edit unseen facts of SmolLM2-135M",
+                        "smedit_plugin.commands:setup_demo"),
+    "compare": CommandSpec("train and evaluate several methods on the same model, records and protocol",
+                           "smedit_plugin.commands:setup_compare"),
 }
 
 
