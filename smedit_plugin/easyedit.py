@@ -192,14 +192,13 @@ def import_easyeditor(*, tolerate_missing_vision: bool = False) -> types.ModuleT
             raise EasyEditImportError(f"cannot import easyeditor ({exc}); {_import_hint(exc)}") from exc
 
 
-def easyedit_capabilities(easyeditor: Optional[types.ModuleType] = None) -> dict[str, bool]:
+def easyedit_capabilities() -> dict[str, bool]:
     """What the loaded EasyEdit offers, found by looking, not by version strings (none are reliable).
 
     Keys: ``sequential_edit`` (``BaseEditor.edit`` takes it: era C), ``normalize_device`` (CPU-capable
     device handling), ``restore_after_edit`` (centralised restore), ``hparams_to_dict``.
     """
-    if easyeditor is None:
-        easyeditor = import_easyeditor()
+    import_easyeditor()
     editor_module = importlib.import_module("easyeditor.editors.editor")
     editors_utils = sys.modules.get("easyeditor.editors.utils")
     device_module = sys.modules.get("easyeditor.util.device")
@@ -224,7 +223,7 @@ def detect_era(*, allow_import: bool = True) -> Optional[str]:
     if not allow_import and "easyeditor.editors.editor" not in sys.modules:
         return None
     try:
-        capabilities = easyedit_capabilities(import_easyeditor())
+        capabilities = easyedit_capabilities()
     except EasyEditImportError:
         return None
     _ERA["era"] = "C" if capabilities["sequential_edit"] else "A"

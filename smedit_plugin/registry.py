@@ -157,7 +157,7 @@ def register(methods: Optional[Iterable[str]] = None, *, batchable: bool = True,
     names = list(METHODS) if methods is None else [m if m in METHODS else canonical_alg_name(m) for m in methods]
     for name in names:
         method_spec(name)
-    easyeditor = import_easyeditor()
+    import_easyeditor()
     alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
     batch_editor = importlib.import_module("easyeditor.editors.batch_editor").BatchEditor
     foreign = [n for n in names if n in alg_dict and not _owned(alg_dict[n])]
@@ -183,7 +183,7 @@ def register(methods: Optional[Iterable[str]] = None, *, batchable: bool = True,
     report = RegistrationReport(
         added=tuple(added), already_registered=tuple(already), replaced=tuple(replaced),
         batchable=tuple(n for n in names if n in getattr(wrapped, "_smedit_names", ())),
-        newly_batchable=tuple(newly_batchable), era=detect_era(), capabilities=easyedit_capabilities(easyeditor),
+        newly_batchable=tuple(newly_batchable), era=detect_era(), capabilities=easyedit_capabilities(),
     )
     LOG.info("smedit_plugin.register: added %s, already registered %s, replaced %s, batchable %s; EasyEdit era %s %s",
              list(report.added), list(report.already_registered), list(report.replaced), list(report.batchable),
