@@ -165,21 +165,28 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--num-seq", type=int, default=1, help="edit batches that accumulate (sequential protocol)")
     parser.add_argument("--archives", type=Path, default=None, help="where trained archives are kept (default: cache)")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="sequential protocol: also re-score all facts edited so far after every K sequences")
+    parser.add_argument("--plot", type=Path, default=None, help="write the curves (needs --curve-every) as a PNG")
     parser.add_argument("--out", type=Path, default=Path("compare_results.json"))
     parser.add_argument("--no-progress", action="store_true")
     return run_compare_command
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, format_table, run_compare
+    from .compare import CompareConfig, format_table, plot_curves, run_compare
     from .fileio import write_json_atomic
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
                         methods=[m.strip() for m in args.methods.split(",") if m.strip()], protocol=args.protocol,
                         n_edits=args.n_edits, num_seq=args.num_seq, archive_root=args.archives, retrain=args.retrain,
-                        progress=not args.no_progress)
+                        curve_every=args.curve_every, progress=not args.no_progress)
+    if args.plot is not None and not args.curve_every:
+        raise ValueError("--plot needs --curve-every K (how often to re-score along the sequence)")
     rows = run_compare(cfg)
     print(format_table(rows))
     write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
+    if args.plot is not None:
+        print(f"wrote {plot_curves(rows, args.plot)}")
     return 0

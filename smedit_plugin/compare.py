@@ -74,6 +74,7 @@ class CompareConfig:
     num_seq: int = 1
     archive_root: Optional[Path] = None
     retrain: bool = False
+    curve_every: int = 0
     progress: bool = True
 
 
@@ -102,9 +103,12 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
         train_s_per_edit = read_meta(archive).get("train_s_per_edit")
     editor, _ = load_archive(archive, model, train_hp)
     metrics = edit_and_evaluate(model, tok, editor, list(evaluation), n_edits=cfg.n_edits, dataset=cfg.dataset,
-                                progress=cfg.progress)
-    return {"train_s_per_edit": train_s_per_edit, "edit_s_per_edit": metrics["edit_seconds"] / len(evaluation),
-            "archive": str(archive), **{k: metrics[k] for k in ("efficacy", "generalization", "specificity")}}
+                                curve_every=cfg.curve_every, progress=cfg.progress)
+    row = {"train_s_per_edit": train_s_per_edit, "edit_s_per_edit": metrics["edit_seconds"] / len(evaluation),
+           "archive": str(archive), **{k: metrics[k] for k in ("efficacy", "generalization", "specificity")}}
+    if "curve" in metrics:
+        row["curve"] = metrics["curve"]
+    return row
 
 
 def _mark_complete(archive: Path, train_s_per_edit: float) -> None:
@@ -114,8 +118,11 @@ def _mark_complete(archive: Path, train_s_per_edit: float) -> None:
     write_json_atomic(meta_path, meta)
 
 
-def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
-    """Train/evaluate every method of ``cfg`` and return one row per method (plus the unedited model)."""
+def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok: Any = None) -> list[dict[str, Any]]:
+    """Train/evaluate every method of ``cfg`` and return one row per method (plus the unedited model).
+
+    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files).
+    """
     for method in cfg.methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)}")
@@ -123,7 +130,8 @@ def run_compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         raise ValueError(f"--protocol must be 'batch' or 'sequential', got {cfg.protocol!r}")
     if cfg.protocol == "batch" and cfg.num_seq != 1:
         raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
-    model, tok = load_model_and_tokenizer(cfg.model)
+    if model is None:
+        model, tok = load_model_and_tokenizer(cfg.model)
     train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
     total = cfg.n_edits * cfg.num_seq
     evaluation = load_records(cfg.eval_data, cfg.dataset)[:total]
@@ -159,3 +167,36 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One figure: efficacy, generalization and specificity against edited sequences, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if r.get("curve")]
+    if not curves:
+        raise ValueError("no curves to plot: run the sequential protocol with --curve-every K")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    for ax, metric, label in zip(axes, ("efficacy", "generalization", "specificity"),
+                                 ("efficacy (ES)", "generalization (GS)", "specificity (LS)")):
+        for r in curves:
+            xs = [p["num_seq"] for p in r["curve"]]
+            ax.plot(xs, [100 * p[metric] for p in r["curve"]], marker="o", label=r["method"])
+        ax.set_title(label)
+        ax.set_xlabel("edit batches applied (sequences)")
+        ax.set_ylabel(f"{metric} of all facts edited so far (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    first = curves[0]
+    fig.suptitle(f"{first['model']} · {first['dataset']} · {first['n_edits']} edits per batch")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    return path

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..data import EditRecord
-from ..evaluation import evaluate_records
+from ..evaluation import METRICS, evaluate_records
 from .apply import apply_steps
 from .archive import load_archive, read_meta, save_archive
 from .editor import HypernetEditor, hypernet_device
@@ -32,11 +32,12 @@ class TrainResult:
 
 
 def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *,
-                      n_edits: int, dataset: str = "zsre", locality: str = "gold",
+                      n_edits: int, dataset: str = "zsre", locality: str = "gold", curve_every: int = 0,
                       progress: bool = False) -> dict[str, Any]:
     """Edit ``records`` in batches of ``n_edits`` that accumulate, score all of them on the final model, restore.
 
     ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
+    ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
     """
     weights = {n: editor.edit_module(n).weight for n in editor.module_names}
     snapshot = {n: w.detach().clone() for n, w in weights.items()}
@@ -45,12 +46,19 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
         from ..evaluation import predict_locality_reference
 
         reference = predict_locality_reference(model, tok, records)
-    start = time.perf_counter()
+    curve: list[dict[str, Any]] = []
+    edit_seconds = 0.0
     try:
-        for i in range(0, len(records), n_edits):
+        for batch_no, i in enumerate(range(0, len(records), n_edits), start=1):
             chunk = records[i:i + n_edits]
+            start = time.perf_counter()
             apply_steps(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk])
-        edit_seconds = time.perf_counter() - start
+            edit_seconds += time.perf_counter() - start
+            if curve_every and batch_no % curve_every == 0 and i + n_edits < len(records):
+                seen = list(records[:i + n_edits])
+                m = evaluate_records(model, tok, seen, dataset=dataset, locality=locality, progress=False,
+                                     reference=None if reference is None else reference[:len(seen)])
+                curve.append({"num_seq": batch_no, **{k: m[k] for k in METRICS}})
         metrics = evaluate_records(model, tok, list(records), dataset=dataset, locality=locality, reference=reference,
                                    progress=progress)
     finally:
@@ -58,6 +66,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
             for n, w in weights.items():
                 w.copy_(snapshot[n])
     metrics["edit_seconds"] = edit_seconds
+    if curve_every:
+        metrics["curve"] = curve + [{"num_seq": -(-len(records) // n_edits), **{k: metrics[k] for k in METRICS}}]
     return metrics
 
 

@@ -1,0 +1,54 @@
+"""`smedit compare` mechanics on a tiny real-depth SmolLM2-shaped model: rows, curves, archive reuse, plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smedit_plugin.compare import ROW_FIELDS, CompareConfig, format_table, plot_curves, run_compare
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, zsre_train_path) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(json.loads(Path(zsre_train_path).read_text())[:16]))
+    return path
+
+
+def test_sequential_compare_rows_curves_and_reuse(tmp_path, tiny, train_file, zsre_eval_path, monkeypatch) -> None:
+    model, tok = tiny("smollm2")
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=train_file, eval_data=Path(zsre_eval_path),
+                        methods=["SMEdit", "RLEdit1"], protocol="sequential", n_edits=4, num_seq=2,
+                        archive_root=tmp_path / "archives", curve_every=1, progress=False)
+    rows = run_compare(cfg, model=model, tok=tok)
+    assert [r["method"] for r in rows] == ["unedited", "SMEdit", "RLEdit1"]
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row)
+        assert all(0.0 <= row[k] <= 1.0 for k in ("efficacy", "generalization", "specificity"))
+        assert (row["protocol"], row["n_edits"], row["num_seq"]) == ("sequential", 4, 2)
+    for row in rows[1:]:
+        assert row["train_s_per_edit"] > 0
+        assert [p["num_seq"] for p in row["curve"]] == [1, 2]
+        assert row["curve"][-1]["efficacy"] == row["efficacy"]
+    png = plot_curves(rows, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SMEdit" in format_table(rows)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a complete archive must be reused, not retrained")
+
+    monkeypatch.setattr("smedit_plugin.hypernet.workflow.train_hypernet", no_training)
+    again = run_compare(cfg, model=model, tok=tok)
+    assert [r["train_s_per_edit"] for r in again[1:]] == [r["train_s_per_edit"] for r in rows[1:]]
+    assert [r["efficacy"] for r in again] == [r["efficacy"] for r in rows]
+
+
+def test_compare_rejects_bad_configs(tmp_path, zsre_eval_path) -> None:
+    base = dict(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path))
+    with pytest.raises(ValueError, match="unknown method 'MALMEN'"):
+        run_compare(CompareConfig(methods=["MALMEN"], **base))
+    with pytest.raises(ValueError, match="--num-seq 1"):
+        run_compare(CompareConfig(methods=["SMEdit"], num_seq=3, **base))
+    with pytest.raises(ValueError, match="no curves"):
+        plot_curves([{"method": "x"}], tmp_path / "c.png")
