@@ -102,11 +102,20 @@ PRETRAINED: dict[str, Callable[[Path], contextlib.AbstractContextManager[Path]]]
 }
 
 _CONVERTED_MARKER = "smedit_source.json"
+#: Bumped when the converted folder's layout changes; older conversions are redone on first use.
+CACHE_FORMAT = 2
 
 
 def converted_model_dir(name: str) -> Path:
     """Where the safetensors conversion of a :data:`PRETRAINED` model lives (it may not exist yet)."""
     return cache_dir() / "models" / name
+
+
+def _is_current_conversion(folder: Path) -> bool:
+    marker = folder / _CONVERTED_MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text(encoding="utf-8")).get("format") == CACHE_FORMAT
 
 
 def _gguf_scalar(reader: Any, key: str) -> Any:
@@ -126,28 +135,9 @@ def _gguf_array(reader: Any, key: str) -> list:
     return [field.parts[i][0].item() for i in field.data]
 
 
-def _fix_gguf_special_tokens(tokenizer: Any, reader: Any, gguf_name: str) -> None:
-    """Apply the GGUF's own special tokens and BOS flag.
-
-    transformers' GGUF tokenizer conversion (4.57) sets ``eos_token`` to the BOS token and adds a
-    BOS even when the file says ``add_bos_token = False`` (SmolLM2). The metadata is the truth.
-    """
-    for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        token_id = _gguf_scalar(reader, f"tokenizer.ggml.{key}")
-        if token_id is not None:
-            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
-    add_bos = _gguf_scalar(reader, "tokenizer.ggml.add_bos_token")
-    if add_bos is not None:
-        tokenizer.add_bos_token = bool(add_bos)
-        first = tokenizer("a")["input_ids"][0]
-        if (first == tokenizer.bos_token_id) != bool(add_bos):
-            raise RuntimeError(
-                f"could not set add_bos_token={bool(add_bos)} on {type(tokenizer).__name__} converted from {gguf_name}"
-            )
-
-
-_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED, _SPM_BYTE = 1, 3, 4, 6
+_SPM_NORMAL, _SPM_CONTROL, _SPM_USER_DEFINED = 1, 3, 4
+_SPECIAL_TOKEN_KEYS = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
 
 
 def spm_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -167,15 +157,14 @@ def spm_bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tupl
     return [(left, right) for *_, left, right in ranked]
 
 
-def _spm_tokenizer_from_gguf(reader: Any) -> Any:
-    """Rebuild a SentencePiece-BPE tokenizer (Gemma) from GGUF tokens, scores and token types.
+def _spm_backend(reader: Any) -> tuple[Any, list[str]]:
+    """A ``tokenizers`` BPE rebuilt from a SentencePiece (``llama``-type) GGUF vocabulary (Gemma).
 
     transformers (4.57) turns these vocabularies into a Unigram model over BPE ranks, which
     splits " Paris" into " P", "ar", "is"; a BPE with :func:`spm_bpe_merges` reproduces the
     model's real tokenisation.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     tokens = _gguf_array(reader, "tokenizer.ggml.tokens")
     scores = _gguf_array(reader, "tokenizer.ggml.scores")
@@ -187,12 +176,9 @@ def _spm_tokenizer_from_gguf(reader: Any) -> Any:
     if len(vocab) != len(pieces):
         raise ValueError("GGUF vocabulary has duplicate pieces; cannot build a BPE tokenizer from it")
     scored = {pieces[i]: scores[i] for i in range(len(pieces)) if types[i] == _SPM_NORMAL}
-    special = {name: int(_gguf_scalar(reader, f"tokenizer.ggml.{key}")) for name, key in (
-        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-        ("pad_token", "padding_token_id")) if _gguf_scalar(reader, f"tokenizer.ggml.{key}") is not None}
-    unk = pieces[special["unk_token"]] if "unk_token" in special else None
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=spm_bpe_merges(vocab, scored), unk_token=unk,
-                                   byte_fallback=True, fuse_unk=True))
+    unk_id = _gguf_scalar(reader, "tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=spm_bpe_merges(vocab, scored), byte_fallback=True,
+                                   fuse_unk=True, unk_token=None if unk_id is None else pieces[int(unk_id)]))
     replace = normalizers.Replace(" ", "\u2581")
     prefix = bool(_gguf_scalar(reader, "tokenizer.ggml.add_space_prefix"))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
@@ -202,32 +188,52 @@ def _spm_tokenizer_from_gguf(reader: Any) -> Any:
                                 for i in range(len(pieces)) if types[i] == _SPM_CONTROL])
     backend.add_tokens([AddedToken(pieces[i], normalized=False, special=False)
                         for i in range(len(pieces)) if types[i] == _SPM_USER_DEFINED and tokens[i].strip(" ")])
-    if _gguf_scalar(reader, "tokenizer.ggml.add_bos_token") and "bos_token" in special:
-        bos = pieces[special["bos_token"]]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, special["bos_token"])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, model_input_names=["input_ids", "attention_mask"],
-        **{k: pieces[v] for k, v in special.items()},
-    )
+    return backend, pieces
 
 
 def _tokenizer_from_gguf(gguf_path: Path) -> Any:
-    """The GGUF's tokenizer: rebuilt for SentencePiece vocabularies, transformers' conversion otherwise."""
+    """The GGUF's tokenizer as a plain ``PreTrainedTokenizerFast`` with the file's own special tokens.
+
+    SentencePiece vocabularies are rebuilt (:func:`_spm_backend`); byte-level BPE ones come from
+    transformers' converter, whose special tokens are wrong in 4.57 (``eos_token`` = the BOS token,
+    and a BOS added although SmolLM2's GGUF says ``add_bos_token = False``). The result is saved
+    as a generic fast tokenizer because transformers 5 rebuilds model-specific tokenizer classes
+    from their class definition (a Llama class would give SmolLM2's byte-level BPE a Metaspace
+    pre-tokenizer), while a generic one is used exactly as saved.
+    """
     from gguf import GGUFReader
-    from transformers import AutoTokenizer
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     reader = GGUFReader(str(gguf_path))
     if _gguf_scalar(reader, "tokenizer.ggml.model") == "llama":
-        return _spm_tokenizer_from_gguf(reader)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    _fix_gguf_special_tokens(tokenizer, reader, gguf_path.name)
+        backend, pieces = _spm_backend(reader)
+    else:
+        backend = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).backend_tokenizer
+        pieces = _gguf_array(reader, "tokenizer.ggml.tokens")
+    special = {}
+    for attr, key in _SPECIAL_TOKEN_KEYS:
+        token_id = _gguf_scalar(reader, f"tokenizer.ggml.{key}")
+        if token_id is not None:
+            special[attr] = pieces[int(token_id)]
+    add_bos = _gguf_scalar(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        if add_bos and "bos_token" not in special:
+            raise ValueError(f"{gguf_path.name} asks for a BOS token but defines none")
+        bos = special.get("bos_token")
+        single, pair = (f"{bos}:0 $A:0", f"{bos}:0 $A:0 {bos}:1 $B:1") if add_bos else ("$A:0", "$A:0 $B:1")
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(bos, backend.token_to_id(bos))] if add_bos else [])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_input_names=["input_ids", "attention_mask"],
+                                        clean_up_tokenization_spaces=False, **special)
+    template = _gguf_scalar(reader, "tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
     return tokenizer
 
 
 def _convert_gguf(name: str, target: Path) -> None:
-    """GGUF -> safetensors folder, built in a sibling temp folder and renamed into place."""
+    """GGUF -> safetensors folder, built in a sibling temp folder and swapped into place."""
     from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,14 +252,12 @@ def _convert_gguf(name: str, target: Path) -> None:
         import transformers
 
         (out / _CONVERTED_MARKER).write_text(json.dumps({
-            "name": name, "gguf_file": gguf_name, "transformers": transformers.__version__,
+            "name": name, "format": CACHE_FORMAT, "gguf_file": gguf_name, "transformers": transformers.__version__,
             "conversion_seconds": round(time.perf_counter() - start, 2),
         }, indent=2) + "\n", encoding="utf-8")
-        try:
-            os.rename(out, target)
-        except OSError:
-            if not (target / _CONVERTED_MARKER).is_file():
-                raise
+        if target.exists():
+            os.rename(target, build / "outdated")
+        os.rename(out, target)
     finally:
         shutil.rmtree(build, ignore_errors=True)
 
@@ -275,16 +279,17 @@ def _conversion_lock(name: str) -> Iterator[None]:
 
 
 def ensure_converted(name: str) -> Path:
-    """Path of the converted safetensors folder for a :data:`PRETRAINED` name, converting on first use."""
+    """Path of the converted safetensors folder for a :data:`PRETRAINED` name, converting on first use.
+
+    A folder from an older :data:`CACHE_FORMAT` is converted again and replaced.
+    """
     if name not in PRETRAINED:
         raise ValueError(f"{name!r} is not a packaged model; use one of {sorted(PRETRAINED)}")
     target = converted_model_dir(name)
-    if (target / _CONVERTED_MARKER).is_file():
+    if _is_current_conversion(target):
         return target
     with _conversion_lock(name):
-        if not (target / _CONVERTED_MARKER).is_file():
-            if target.exists():
-                raise RuntimeError(f"{target} exists but is not a finished conversion; delete it and retry")
+        if not _is_current_conversion(target):
             _convert_gguf(name, target)
     return target
 

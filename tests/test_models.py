@@ -130,6 +130,23 @@ def test_failed_conversion_leaves_no_partial_cache(monkeypatch, tmp_path: Path) 
     assert leftovers == []
 
 
+def test_outdated_conversions_are_redone_once(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path))
+    target = models.converted_model_dir("smollm2-135m")
+    target.mkdir(parents=True)
+    (target / "smedit_source.json").write_text('{"name": "smollm2-135m"}')
+    calls = []
+
+    def fake_convert(name: str, folder: Path) -> None:
+        calls.append(name)
+        (folder / "smedit_source.json").write_text(f'{{"format": {models.CACHE_FORMAT}}}')
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    assert ensure_converted("smollm2-135m") == target
+    assert ensure_converted("smollm2-135m") == target
+    assert calls == ["smollm2-135m"]
+
+
 def test_spm_bpe_merges_rank_pairs_by_the_merged_piece_score() -> None:
     from tokenizers import Tokenizer, models as tk_models
 
