@@ -16,8 +16,8 @@ from smedit_plugin.models import (ARCHITECTURES, TINY_ARCHS, cache_dir, ensure_c
 def test_tiny_stand_in_has_the_real_depth_and_every_module_template(key: str, tiny) -> None:
     info = ARCHITECTURES[key]
     model, tok = tiny(info.tiny_arch)
-    assert TINY_ARCHS[info.tiny_arch][1] == info.n_layers == model.config.num_hidden_layers
-    assert type(model).__name__ == TINY_ARCHS[info.tiny_arch][0]
+    assert TINY_ARCHS[info.tiny_arch].depth == info.n_layers == model.config.num_hidden_layers
+    assert type(model).__name__ == TINY_ARCHS[info.tiny_arch].model_class
     names = dict(model.named_modules())
     assert info.module_name("layer", info.n_layers - 1) in names
     assert info.modules["layer"].format(i=info.n_layers) not in names
