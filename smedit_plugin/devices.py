@@ -25,8 +25,7 @@ def resolve_device(spec: DeviceSpec) -> torch.device:
     if isinstance(spec, bool):
         raise ValueError(f"device must be an int, 'cpu', 'cuda', 'cuda:N' or null, got {spec!r}")
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
-        index = int(spec)
-        spec = f"cuda:{index}"
+        return resolve_device(torch.device("cuda", int(spec)))
     if not isinstance(spec, str):
         raise ValueError(f"device must be an int, 'cpu', 'cuda', 'cuda:N' or null, got {spec!r}")
     try:

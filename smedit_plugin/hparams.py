@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -26,17 +27,15 @@ class HyperParamsError(ValueError):
 
 
 def _easyedit_base() -> type:
-    """EasyEdit's ``HyperParams`` when importable, else a local empty base.
+    """EasyEdit's ``HyperParams`` when EasyEdit is already imported, else a local base with its helpers.
 
-    ``SMEDIT_NO_EASYEDIT=1`` skips the import (EasyEdit's import is slow and configures logging).
+    EasyEdit is never imported from here: its import takes seconds, configures logging, reseeds RNGs
+    (GitHub HEAD) and fails outright for the 2023 wheel without the shim. ``register()`` imports it,
+    so the usual ``register()`` then ``load_hparams()`` order yields subclasses of EasyEdit's class.
+    EasyEdit itself never type-checks hparams, so either base works with ``BaseEditor``.
     """
-    if os.environ.get("SMEDIT_NO_EASYEDIT") == "1":
-        return _LocalHyperParams
-    try:
-        from easyeditor.util.hparams import HyperParams  # type: ignore
-    except ImportError:
-        return _LocalHyperParams
-    return HyperParams
+    module = sys.modules.get("easyeditor.util.hparams")
+    return getattr(module, "HyperParams", _LocalHyperParams) if module is not None else _LocalHyperParams
 
 
 @dataclasses.dataclass
@@ -298,7 +297,9 @@ class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
             raise HyperParamsError(f"{source}: missing required field(s) {', '.join(map(repr, missing))}")
         obj = cls.__new__(cls)
         for f in dataclasses.fields(cls):
-            if f.name in config:
+            if f.name == "model_name" and isinstance(config.get(f.name), tuple):
+                val = config[f.name]  # a (model, tokenizer) pair is shared, never copied
+            elif f.name in config:
                 val = copy.deepcopy(config[f.name])
             elif f.default is not dataclasses.MISSING:
                 val = copy.deepcopy(f.default)
