@@ -8,8 +8,8 @@ import torch
 
 from smedit_plugin.comeba_hk.scope import (alpha_candidate, max_zscore, next_alpha, swap_mask, zscore_bound,
                                            zscores)
-from smedit_plugin.comeba_hk.update import (accumulate_keys, consecutive_update, initial_c_accu, solve_spd,
-                                            spread_residual)
+from smedit_plugin.comeba_hk.update import (accumulate_keys, consecutive_update, initial_c_accu, post_norm_residual,
+                                            solve_spd, spread_residual)
 
 
 def _spd(f: int, gen: torch.Generator) -> torch.Tensor:
@@ -147,3 +147,21 @@ def test_alpha_never_increases_and_is_the_running_minimum() -> None:
         alpha = new
         assert alpha == min(seen)
     assert next_alpha(1.5, None) == 1.5
+
+
+def test_post_norm_residual_reaches_any_reachable_normed_output() -> None:
+    """Gemma-style blocks add g*u/rms(u): the mapped residual makes the normed output hit m + R exactly."""
+    gen = torch.Generator().manual_seed(7)
+    d, n = 6, 3
+    gain = 1.0 + torch.rand(d, dtype=torch.float64, generator=gen)
+
+    def norm(u: torch.Tensor) -> torch.Tensor:
+        return gain[:, None] * u / u.pow(2).mean(0, keepdim=True).sqrt()
+
+    u = torch.randn(d, n, dtype=torch.float64, generator=gen)
+    goal = norm(torch.randn(d, n, dtype=torch.float64, generator=gen))
+    shift = post_norm_residual(goal - norm(u), u, norm(u), gain)
+    assert torch.allclose(norm(u + shift), goal, atol=1e-10)
+    assert torch.allclose((u + shift).pow(2).mean(0), u.pow(2).mean(0))
+    assert torch.allclose(post_norm_residual(torch.zeros(d, n, dtype=torch.float64), u, norm(u), gain),
+                          torch.zeros(d, n, dtype=torch.float64), atol=1e-12)

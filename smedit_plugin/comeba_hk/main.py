@@ -14,26 +14,26 @@ MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and n
 """
 from __future__ import annotations
 
-import copy as copy_module
-import sys
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..devices import model_input_device
+from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from ..models import weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments
 from .hparams import COMEBAHKHyperParams
 from .hook_layers import HOOK_ATTR, HookController, HookLayer
-from .modules import (final_logit_softcap, frozen_eval, get_module, num_layers, stop_after, weight_out_in)
+from .modules import (final_logit_softcap, frozen_eval, get_module, norm_gain, num_layers, post_mlp_norm, stop_after,
+                      weight_out_in)
 from .scope import alpha_candidate, next_alpha
 from .state import (attach_state, find_state, hook_layers, original_fingerprint, remove_hook_layers, set_mode,
                     state_parameters)
 from .templates import EditRequest, TokenView, generate_context_templates, prepare_requests
-from .update import accumulate_keys, consecutive_update, initial_c_accu, spread_residual
+from .update import accumulate_keys, consecutive_update, initial_c_accu, post_norm_residual, spread_residual
 
 
 class _Modules:
@@ -63,6 +63,17 @@ class _Modules:
         if not isinstance(getattr(self.lm_head, "weight", None), torch.Tensor) or self.lm_head.weight.dim() != 2:
             raise ValueError(f"hparams field 'lm_head_module': {hp.lm_head_module} has no [vocab, hidden] weight")
         self.softcap = final_logit_softcap(model)
+        self.post_norms = [post_mlp_norm(block) for block in self.blocks]
+
+
+@torch.no_grad()
+def _through_post_norm(module: nn.Module, norm: nn.Module, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """Map a residual-stream share to the rewrite output when a norm sits between them (Gemma-2/3)."""
+    weight = module.weight
+    current = module(keys.T.to(weight.dtype))
+    normed = norm(current)
+    gain = norm_gain(norm, current.shape[-1], current)
+    return post_norm_residual(residuals, current.T.float(), normed.T.float(), gain)
 
 
 def _check_existing_state(controller: HookController, hp: COMEBAHKHyperParams, names: list[str]) -> None:
@@ -134,6 +145,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
             for i, (module, layer) in enumerate(zip(mods.rewrite, layers)):
                 keys, cur = compute_keys_and_cur(model, view, requests, groups, module, mods.z_block, device)
                 residuals = spread_residual(z, cur, i, len(layers))
+                if mods.post_norms[i] is not None:
+                    residuals = _through_post_norm(module, mods.post_norms[i], keys, residuals)
                 c_accu = layer.c_accu
                 delta = consecutive_update(residuals.to(c_accu.device), keys.to(c_accu.device), c_accu)
                 with torch.no_grad():
@@ -156,30 +169,6 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     return report
 
 
-def _easyedit_era() -> Optional[str]:
-    """``"A"`` (PyPI: the apply function decides restores), ``"C"`` (HEAD: the editor does), None (not EasyEdit).
-
-    Only looks at an EasyEdit that is already imported: the caller is EasyEdit exactly when it is.
-    """
-    editor = sys.modules.get("easyeditor.editors.editor")
-    base = getattr(editor, "BaseEditor", None)
-    if base is None:
-        return None
-    import inspect
-
-    return "C" if "sequential_edit" in inspect.signature(base.edit).parameters else "A"
-
-
-def weights_copy_for_caller(originals: dict[str, torch.Tensor], return_orig_weights: bool,
-                            keep_original_weight: bool) -> dict[str, torch.Tensor]:
-    """EasyEdit's ``weights_copy`` semantics (contract 1.3): era A returns ``{}`` unless asked to restore."""
-    if not return_orig_weights:
-        return {}
-    if _easyedit_era() == "A" and not keep_original_weight:
-        return {}
-    return originals
-
-
 def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict], hparams: COMEBAHKHyperParams,
                              copy: bool = False, return_orig_weights: bool = False, keep_original_weight: bool = False,
                              **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -198,8 +187,7 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
     view = TokenView(tok)
     for request in prepared:
         view.encode_target(request.target_new)
-    if copy:
-        model = copy_module.deepcopy(model)
+    model = maybe_copy_model(model, copy)
     mods = _Modules(model, hparams)
     controller = find_state(model)
     if controller is not None:
@@ -209,20 +197,20 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
         controller = _create_state(model, tok, hparams, mods, model_input_device(model))
     else:
         _adopt_scope_options(model, controller, hparams)
-    tracked = dict(state_parameters(model))
+    tracked = list(state_parameters(model))
     if not hparams.hooks_enabled:
-        tracked.update({f"{name}.weight": m.weight for name, m in zip(mods.names, mods.rewrite)})
-    originals = {name: p.detach().clone() for name, p in tracked.items()}
+        tracked += [f"{name}.weight" for name in mods.names]
     try:
-        edit_step(model, tok, prepared, hparams, controller, mods)
+        with edit_transaction(model) as snapshot:
+            for name in tracked:
+                snapshot.capture(name)
+            edit_step(model, tok, prepared, hparams, controller, mods)
     except BaseException:
-        with torch.no_grad():
-            for name, p in tracked.items():
-                p.copy_(originals[name])
         if created:
             remove_hook_layers(model)
         raise
-    return model, weights_copy_for_caller(originals, return_orig_weights, keep_original_weight)
+    return model, weights_copy_for_easyedit(snapshot, return_orig_weights=return_orig_weights,
+                                            keep_original_weight=keep_original_weight)
 
 
 def _adopt_scope_options(model: nn.Module, controller: HookController, hp: COMEBAHKHyperParams) -> None:

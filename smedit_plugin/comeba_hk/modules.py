@@ -121,6 +121,25 @@ def logits_from_hidden(hidden: torch.Tensor, ln_f: nn.Module, lm_head: nn.Module
     return logits
 
 
+#: Attribute names of a norm applied to the MLP output before the residual add (Gemma-2/3, OLMo-2).
+POST_MLP_NORMS = ("post_feedforward_layernorm",)
+
+
+def post_mlp_norm(block: nn.Module) -> Optional[nn.Module]:
+    """The block's post-MLP norm, or None when the MLP output goes straight into the residual."""
+    for name in POST_MLP_NORMS:
+        norm = getattr(block, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
+
+
+def norm_gain(norm: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel gain ``g`` of an RMS norm, read as ``norm(ones)`` (``rms(ones) = 1``), float64."""
+    ones = torch.ones(1, width, dtype=like.dtype, device=like.device)
+    return norm(ones)[0].double()
+
+
 def _attributes(obj: Any) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, list) else value for key, value in vars(obj).items()}
 
@@ -151,6 +170,13 @@ def sliding_window(model: nn.Module) -> Optional[int]:
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head (``model.model`` / ``model.transformer``)."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
+    """The decoder stack without the LM head (``model.model`` / ``model.transformer``).
+
+    ``get_decoder()`` is right for Llama/Gemma-3 but returns the whole model for GPT-J, and
+    ``base_model`` is the model itself for Gemma-3's causal LM, so take the first that differs.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    for candidate in (get_decoder() if callable(get_decoder) else None, getattr(model, "base_model", None)):
+        if isinstance(candidate, nn.Module) and candidate is not model:
+            return candidate
+    return model

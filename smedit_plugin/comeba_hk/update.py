@@ -58,3 +58,23 @@ def initial_c_accu(c0: torch.Tensor, weight: float, ridge: float = 0.0, shrinkag
     if ridge:
         c = c + ridge * eye
     return weight * c
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(0, keepdim=True).sqrt()
+
+
+def post_norm_residual(residuals: torch.Tensor, current: torch.Tensor, normed: torch.Tensor,
+                       gain: torch.Tensor) -> torch.Tensor:
+    """Residual in rewrite-output space for blocks that norm the MLP output (Gemma-2/3, spec 5.4 (b)).
+
+    The block adds ``m = g * u / rms(u)`` to the residual stream, not the rewrite output ``u``. For a
+    wanted ``m* = m + R`` only the direction of ``m*/g`` is reachable, so the target keeps the
+    current magnitude: ``u* = (m*/g) rms(u)/rms(m*/g)``; returns ``u* - u`` (columns are requests).
+    ``normed`` is ``m`` for ``current`` = ``u``, ``gain`` is ``g`` (``[d]``).
+    """
+    g = gain.double()
+    g = torch.where(g.abs() < 1e-6, torch.full_like(g, 1e-6), g)[:, None]
+    u = current.double()
+    wanted = (normed.double() + residuals.double()) / g
+    return wanted * _rms(u) / _rms(wanted) - u
