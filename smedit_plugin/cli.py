@@ -43,6 +43,8 @@ COMMANDS: dict[str, CommandSpec] = {
                         "smedit_plugin.commands:setup_demo"),
     "compare": CommandSpec("train and evaluate several methods on the same model, records and protocol",
                            "smedit_plugin.commands:setup_compare"),
+    "bench": CommandSpec("speed and peak memory of one large batch edit per hypernetwork method",
+                         "smedit_plugin.bench:setup_bench"),
 }
 
 
