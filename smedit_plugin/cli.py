@@ -119,9 +119,9 @@ def _easyedit_status() -> str:
     """Whether EasyEdit imports here and, if it does, its era (A = PyPI wheel, C = current GitHub)."""
     if importlib.util.find_spec("easyeditor") is None:
         return "not installed"
-    if importlib.util.find_spec("smedit_plugin.easyedit") is None:
-        return "installed (era detection unavailable)"
-    easyedit = importlib.import_module("smedit_plugin.easyedit")
+    from . import easyedit
+
+    easyedit.install_transformers_shim()
     try:
         easyedit.import_easyeditor(tolerate_missing_vision=True)
     except ImportError as exc:
