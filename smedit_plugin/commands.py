@@ -160,8 +160,12 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--train-data", type=Path, default=None)
     parser.add_argument("--eval-data", type=Path, required=True)
     parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated method names")
-    parser.add_argument("--protocol", choices=("batch", "sequential"), default="batch")
-    parser.add_argument("--n-edits", type=int, default=64, help="facts per edit batch")
+    parser.add_argument("--protocol", choices=("batch", "sequential", "consecutive", "single-round"), default="batch",
+                        help="batch/sequential: hypernetwork methods; consecutive/single-round: COMEBA-HK, MEMIT-C")
+    parser.add_argument("--n-edits", type=int, default=64,
+                        help="facts per edit batch (batch, sequential); total facts (consecutive, single-round)")
+    parser.add_argument("--batch-size", type=int, default=10,
+                        help="facts per step of the consecutive / single-round protocols (default: %(default)s)")
     parser.add_argument("--num-seq", type=int, default=1, help="edit batches that accumulate (sequential protocol)")
     parser.add_argument("--archives", type=Path, default=None, help="where trained archives are kept (default: cache)")
     parser.add_argument("--retrain", action="store_true")
@@ -179,7 +183,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
                         methods=[m.strip() for m in args.methods.split(",") if m.strip()], protocol=args.protocol,
-                        n_edits=args.n_edits, num_seq=args.num_seq, archive_root=args.archives, retrain=args.retrain,
+                        n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size,
+                        archive_root=args.archives, retrain=args.retrain,
                         curve_every=args.curve_every, progress=not args.no_progress)
     if args.plot is not None and not args.curve_every:
         raise ValueError("--plot needs --curve-every K (how often to re-score along the sequence)")

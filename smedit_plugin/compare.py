@@ -25,6 +25,7 @@ from .hparams import HyperParamsError, load_hparams
 from .models import cache_dir, load_model_and_tokenizer
 from .registry import METHODS
 
+PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",
               "specificity", "train_s_per_edit", "edit_s_per_edit", "peak_rss_mb")
 
@@ -72,6 +73,7 @@ class CompareConfig:
     protocol: str = "batch"
     n_edits: int = 64
     num_seq: int = 1
+    batch_size: int = 10
     archive_root: Optional[Path] = None
     retrain: bool = False
     curve_every: int = 0
@@ -111,6 +113,53 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
     return row
 
 
+def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord]) -> dict[str, Any]:
+    """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
+
+    Metrics follow the COMEBA-HK paper: reliability / generality as teacher-forced token accuracy and
+    locality as agreement with the unedited model's predictions (``efficacy`` / ``generalization`` /
+    ``specificity`` in the row, plus their ``average``).
+    """
+    from .comeba_hk.state import remove_hook_layers
+    from .data import to_requests
+    from .evaluation import predict_locality_reference
+
+    hp = method_hparams(method, cfg.model, training=False).replace(batch_size=cfg.batch_size)
+    apply = METHODS[method].apply_function()
+    rewritten = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in rewritten}
+    reference = predict_locality_reference(model, tok, list(evaluation))
+    batches = [list(evaluation[i:i + cfg.batch_size]) for i in range(0, len(evaluation), cfg.batch_size)]
+    refs = [reference[i:i + cfg.batch_size] for i in range(0, len(evaluation), cfg.batch_size)]
+
+    def roll_back() -> None:
+        remove_hook_layers(model)
+        with torch.no_grad():
+            for n, w in originals.items():
+                model.get_submodule(n).weight.copy_(w)
+
+    edit_seconds, scores = 0.0, []
+    try:
+        for batch, ref in zip(batches, refs):
+            start = time.perf_counter()
+            apply(model, tok, to_requests(batch), hp, return_orig_weights=False, keep_original_weight=False)
+            edit_seconds += time.perf_counter() - start
+            if cfg.protocol == "single-round":
+                scores.append((len(batch), evaluate_records(model, tok, batch, dataset=cfg.dataset,
+                                                            locality="agreement", reference=ref, progress=False)))
+                roll_back()
+        if cfg.protocol == "consecutive":
+            scores.append((len(evaluation), evaluate_records(model, tok, list(evaluation), dataset=cfg.dataset,
+                                                             locality="agreement", reference=reference,
+                                                             progress=cfg.progress)))
+    finally:
+        roll_back()
+    total = sum(n for n, _ in scores)
+    metrics = {k: sum(n * m[k] for n, m in scores) / total for k in ("efficacy", "generalization", "specificity")}
+    return {"train_s_per_edit": None, "edit_s_per_edit": edit_seconds / len(evaluation), **metrics,
+            "average": sum(metrics.values()) / 3, "batch_size": cfg.batch_size}
+
+
 def _mark_complete(archive: Path, train_s_per_edit: float) -> None:
     meta_path = archive / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -126,30 +175,42 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
     for method in cfg.methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)}")
-    if cfg.protocol not in ("batch", "sequential"):
-        raise ValueError(f"--protocol must be 'batch' or 'sequential', got {cfg.protocol!r}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.protocol == "batch" and cfg.num_seq != 1:
         raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
+    locate = cfg.protocol in ("consecutive", "single-round")
+    for method in cfg.methods:
+        if METHODS[method].needs_archive == locate:
+            wanted = "batch or sequential" if METHODS[method].needs_archive else "consecutive or single-round"
+            raise ValueError(f"{method} runs under the {wanted} protocol, not {cfg.protocol!r}")
+    if locate:
+        cfg = dataclasses.replace(cfg, num_seq=-(-cfg.n_edits // cfg.batch_size))
     if model is None:
         model, tok = load_model_and_tokenizer(cfg.model)
     train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
-    total = cfg.n_edits * cfg.num_seq
+    total = cfg.n_edits if locate else cfg.n_edits * cfg.num_seq
     evaluation = load_records(cfg.eval_data, cfg.dataset)[:total]
     if len(evaluation) < total:
         raise ValueError(f"{cfg.eval_data} has {len(evaluation)} usable records, fewer than n_edits * num_seq = {total}")
     base = {"model": cfg.model, "dataset": cfg.dataset, "protocol": cfg.protocol, "n_edits": cfg.n_edits,
             "num_seq": cfg.num_seq}
     start = time.perf_counter()
-    unedited = evaluate_records(model, tok, list(evaluation), dataset=cfg.dataset, progress=cfg.progress)
-    rows = [{"method": "unedited", **base, **{k: unedited[k] for k in ("efficacy", "generalization", "specificity")},
-             "train_s_per_edit": None, "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(),
-             "eval_seconds": time.perf_counter() - start}]
+    rows = []
+    if locate:
+        base["batch_size"] = cfg.batch_size
+    else:
+        unedited = evaluate_records(model, tok, list(evaluation), dataset=cfg.dataset, progress=cfg.progress)
+        rows.append({"method": "unedited", **base, **{k: unedited[k] for k in ("efficacy", "generalization", "specificity")},
+                     "train_s_per_edit": None, "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(),
+                     "eval_seconds": time.perf_counter() - start})
     for method in cfg.methods:
-        if not METHODS[method].needs_archive:
-            raise ValueError(f"{method} runs under the consecutive protocol (`--protocol consecutive`), not here")
-        if not train:
-            raise ValueError(f"{method} needs --train-data to train its hypernetwork")
-        result = _hypernet_row(cfg, method, model, tok, train, evaluation)
+        if locate:
+            result = _locate_row(cfg, method, model, tok, evaluation)
+        else:
+            if not train:
+                raise ValueError(f"{method} needs --train-data to train its hypernetwork")
+            result = _hypernet_row(cfg, method, model, tok, train, evaluation)
         rows.append({"method": method, **base, **result, "peak_rss_mb": peak_rss_mb()})
         torch.manual_seed(0)
     return rows
@@ -157,13 +218,15 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Rows as a fixed-width table with metrics in percent."""
-    head = ["method", "ES %", "GS %", "LS %", "train s/edit", "edit s/edit", "peak RSS MB"]
+    avg = any("average" in r for r in rows)
+    head = ["method", "ES %", "GS %", "LS %"] + (["avg %"] if avg else []) + ["train s/edit", "edit s/edit", "peak RSS MB"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     lines = []
     for r in rows:
         t = r.get("train_s_per_edit")
-        lines.append([r["method"], f"{100 * r['efficacy']:.1f}", f"{100 * r['generalization']:.1f}",
-                      f"{100 * r['specificity']:.1f}", "-" if t is None else f"{t:.3f}",
-                      f"{r['edit_s_per_edit']:.3f}", f"{r['peak_rss_mb']:.0f}"])
+        lines.append([r["method"], pct(r["efficacy"]), pct(r["generalization"]), pct(r["specificity"])]
+                     + ([pct(r.get("average"))] if avg else [])
+                     + ["-" if t is None else f"{t:.3f}", f"{r['edit_s_per_edit']:.3f}", f"{r['peak_rss_mb']:.0f}"])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])

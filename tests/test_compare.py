@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from smedit_plugin.compare import ROW_FIELDS, CompareConfig, format_table, plot_curves, run_compare
 
@@ -52,3 +53,31 @@ def test_compare_rejects_bad_configs(tmp_path, zsre_eval_path) -> None:
         run_compare(CompareConfig(methods=["SMEdit"], num_seq=3, **base))
     with pytest.raises(ValueError, match="no curves"):
         plot_curves([{"method": "x"}], tmp_path / "c.png")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for both protocols, so the tiny model's covariance statistics are computed once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("protocol", ["consecutive", "single-round"])
+def test_locate_then_edit_protocols(shared_cache, tiny, zsre_eval_path, monkeypatch, protocol) -> None:
+    monkeypatch.setenv("SMEDIT_CACHE", str(shared_cache))
+    model, tok = tiny("smollm2")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
+                        methods=["COMEBA-HK", "MEMIT-C"], protocol=protocol, n_edits=4, batch_size=2, progress=False)
+    rows = run_compare(cfg, model=model, tok=tok)
+    assert [r["method"] for r in rows] == ["COMEBA-HK", "MEMIT-C"]
+    for row in rows:
+        assert set(ROW_FIELDS) <= set(row) and row["num_seq"] == 2 and row["batch_size"] == 2
+        values = [row[k] for k in ("efficacy", "generalization", "specificity")]
+        assert all(0.0 <= v <= 1.0 for v in values)
+        assert row["average"] == pytest.approx(sum(values) / 3)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before), "hook state must be removed after the run"
+    assert all(torch.equal(after[n], before[n]) for n in before), "the model must be rolled back exactly"
+    with pytest.raises(ValueError, match="runs under the batch or sequential protocol"):
+        run_compare(CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None,
+                                  eval_data=Path(zsre_eval_path), methods=["SMEdit"], protocol=protocol))
