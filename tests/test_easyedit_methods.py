@@ -8,7 +8,6 @@ Era C (GitHub HEAD on ``PYTHONPATH``): ``BaseEditor.batch_edit`` end to end thro
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +51,12 @@ def _edit_weights(model, hp) -> dict[str, torch.Tensor]:
     return {n: model.get_submodule(n).weight.detach().clone() for n in hp.edit_modules}
 
 
+def _set_edit_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in weights.items():
+            model.get_submodule(name).weight.copy_(value)
+
+
 def _expected_after(model, tok, hp, chunks) -> dict[str, torch.Tensor]:
     """Weights after applying ``chunks`` one after another on a copy, directly through the editor."""
     twin = copy.deepcopy(model)
@@ -81,9 +86,7 @@ def test_plugin_methods_accumulate_or_restore_as_the_installed_era_says(setup, t
         after = _edit_weights(model, hp)
         for name in before:
             torch.testing.assert_close(after[name], expected[name], rtol=0, atol=1e-6)
-        with torch.no_grad():
-            for name, value in before.items():
-                model.get_submodule(name).weight.copy_(value)
+        _set_edit_weights(model, before)
         edited, weights_copy = apply(model, tok, requests[:4], hp, copy=False, return_orig_weights=True,
                                      keep_original_weight=True)
         assert set(weights_copy) == {f"{n}.weight" for n in hp.edit_modules}
@@ -98,9 +101,7 @@ def test_plugin_methods_accumulate_or_restore_as_the_installed_era_says(setup, t
         after = _edit_weights(model, hp)
         for name in before:
             torch.testing.assert_close(after[name], expected[name], rtol=0, atol=1e-6)
-        with torch.no_grad():
-            for name, value in before.items():
-                model.get_submodule(name).weight.copy_(value)
+        _set_edit_weights(model, before)
         editor.batch_edit(**kwargs, sequential_edit=False)
     else:
         pytest.skip(f"unknown EasyEdit era {era!r}")

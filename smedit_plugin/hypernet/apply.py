@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

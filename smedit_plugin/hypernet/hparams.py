@@ -33,6 +33,17 @@ def _rank_fits(hp: "HypernetHyperParams") -> Optional[str]:
     return None
 
 
+def default_bp_steps(one_step_name: str):
+    """A check filling a null ``bp_steps``: 1 for the one-step baseline ``one_step_name``, else 2."""
+
+    def fill(hp: "HypernetHyperParams") -> Optional[str]:
+        if hp.bp_steps is None:
+            hp.bp_steps = 1 if hp.alg_name == one_step_name else 2
+        return None
+
+    return fill
+
+
 @dataclasses.dataclass(kw_only=True)
 class HypernetHyperParams(MethodHyperParams):
     """Fields of the MALMEN-style hypernetwork, its meta-training and edit-time application."""

@@ -4,15 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from ..hypernet.hparams import HypernetHyperParams
+from ..hypernet.hparams import HypernetHyperParams, default_bp_steps
 
 F = dataclasses.field
-
-
-def _default_bp_steps(hp: "MALMEN2HyperParams") -> Optional[str]:
-    if hp.bp_steps is None:
-        hp.bp_steps = 1 if hp.alg_name == "MALMEN1" else 2
-    return None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,4 +23,4 @@ class MALMEN2HyperParams(HypernetHyperParams):
     bp_steps: Optional[int] = F(default=None, metadata={"range": (1, 16), "help": "null = 2 for MALMEN2, 1 for MALMEN1"})
     loc_coef: float = F(default=0.6, metadata={"range": (0.0, None)})
 
-    _checks: ClassVar[tuple] = HypernetHyperParams._checks[:2] + (_default_bp_steps,) + HypernetHyperParams._checks[2:]
+    _checks: ClassVar[tuple] = HypernetHyperParams._checks[:2] + (default_bp_steps("MALMEN1"),) + HypernetHyperParams._checks[2:]

@@ -4,15 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from ..hypernet.hparams import HypernetHyperParams
+from ..hypernet.hparams import HypernetHyperParams, default_bp_steps
 
 F = dataclasses.field
-
-
-def _default_bp_steps(hp: "RLEdit2HyperParams") -> Optional[str]:
-    if hp.bp_steps is None:
-        hp.bp_steps = 1 if hp.alg_name == "RLEdit1" else 2
-    return None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -35,4 +29,4 @@ class RLEdit2HyperParams(HypernetHyperParams):
     back_depth: int = F(default=10, metadata={"range": (1, None), "help": "memory backtracking: current batch plus back_depth - 1 earlier ones"})
     time_decay: float = F(default=0.95, metadata={"range": (0.0, 1.0), "help": "mu: weight mu^j of the batch j steps back"})
 
-    _checks: ClassVar[tuple] = HypernetHyperParams._checks[:2] + (_default_bp_steps,) + HypernetHyperParams._checks[2:]
+    _checks: ClassVar[tuple] = HypernetHyperParams._checks[:2] + (default_bp_steps("RLEdit1"),) + HypernetHyperParams._checks[2:]
