@@ -70,7 +70,7 @@ def setup_demo(parser: argparse.ArgumentParser) -> Runner:
 
 @torch.no_grad()
 def greedy_answers(model, tok, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """The model's own short greedy continuation of each prompt (about as long as the target)."""
+    """The model's greedy continuation of each prompt, at least as many tokens as the target, first line only."""
     from .devices import model_input_device
     from .text import answer_text
 
@@ -78,9 +78,12 @@ def greedy_answers(model, tok, prompts: Sequence[str], targets: Sequence[str]) -
     out = []
     for prompt, target in zip(prompts, targets):
         ids = tok(prompt, return_tensors="pt").to(device)
-        n_new = len(tok(answer_text(target), add_special_tokens=False)["input_ids"]) + 2
-        gen = model.generate(**ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+        n_target = len(tok(answer_text(target), add_special_tokens=False)["input_ids"])
+        # an instruct model often ends a bare question with EOS at once; ask for a target-length answer
+        gen = model.generate(**ids, min_new_tokens=n_target, max_new_tokens=n_target + 2, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out.append(text.split("\n")[0].strip())
     return out
 
 
