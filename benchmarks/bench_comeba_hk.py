@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import statistics
 import sys
 import time
@@ -70,13 +71,15 @@ def consecutive(model, tok, hp: COMEBAHKHyperParams, records: list[EditRecord], 
                 eval_every: int) -> dict[str, Any]:
     """Edit ``records`` in consecutive steps on ``model``; score every edited record at the end (and every ``eval_every``)."""
     requests = to_requests(records)
-    step_seconds, curve = [], []
+    step_seconds, step_cpu, curve = [], [], []
     for start in range(0, len(records), batch_size):
-        tick = time.perf_counter()
+        tick, cpu = time.perf_counter(), time.process_time()
         apply_comeba_hk_to_model(model, tok, requests[start:start + batch_size], hp)
         step_seconds.append(time.perf_counter() - tick)
+        step_cpu.append(time.process_time() - cpu)
         done = start + batch_size
-        print(f"  {hp.alg_name}: {min(done, len(records))} edits, step {step_seconds[-1]:.1f} s", flush=True)
+        print(f"  {hp.alg_name}: {min(done, len(records))} edits, step {step_seconds[-1]:.1f} s wall, "
+              f"{step_cpu[-1]:.1f} s CPU", flush=True)
         if eval_every and done % eval_every == 0 and done < len(records):
             curve.append({"n_edits": done, **_scores(evaluate_records(
                 model, tok, records[:done], dataset="zsre", locality="agreement", reference=reference[:done],
@@ -88,7 +91,8 @@ def consecutive(model, tok, hp: COMEBAHKHyperParams, records: list[EditRecord], 
     state = find_state(model)
     if state is not None and hp.hooks_enabled:
         alphas = [float(model.get_submodule(n).comeba_hook.alpha) for n in state.info["rewrite_modules"]]
-    return {"scores": final, "curve": curve, "step_seconds": step_seconds, "alpha": alphas}
+    return {"scores": final, "curve": curve, "step_seconds": step_seconds, "step_cpu_seconds": step_cpu,
+            "alpha": alphas}
 
 
 def single_round(model, tok, hp: COMEBAHKHyperParams, records: list[EditRecord], reference,
@@ -146,9 +150,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--infer-runs", type=int, default=9)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="hparams overrides (JSON values)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 avoids "
+                        "thread thrashing when other jobs share the cores")
     parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk.json"))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("smedit_plugin.comeba_hk").setLevel(logging.INFO)
     overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base, tok = load_model_and_tokenizer(args.model)
     n_records = max(args.n_edits if not args.skip_consecutive else 0, args.single_n)
@@ -168,8 +178,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             entry["consecutive"] = consecutive(model, tok, hp, records[:args.n_edits], reference[:args.n_edits],
                                                args.batch_size, args.eval_every)
             steps = entry["consecutive"]["step_seconds"]
+            cpu = entry["consecutive"]["step_cpu_seconds"]
             entry["seconds_per_step"] = {"mean": statistics.mean(steps), "median": statistics.median(steps),
-                                         "max": max(steps), "first_step_includes_setup": steps[0]}
+                                         "max": max(steps), "first_step_includes_setup": steps[0],
+                                         "cpu_median": statistics.median(cpu)}
             if hp.hooks_enabled:
                 prompts = [r.prompt for r in records[:32]]
                 entry["inference"] = inference_timing(model, base, tok, prompts, args.infer_runs)
@@ -189,7 +201,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def _print_table(results: dict[str, Any]) -> None:
     print(f"\n{results['model']}: {results['n_edits']} consecutive edits in steps of {results['batch_size']}")
-    header = f"{'method':<11}{'protocol':<14}{'rel':>7}{'gen':>7}{'loc':>7}{'avg':>7}{'s/step':>9}{'infer x':>9}"
+    header = (f"{'method':<11}{'protocol':<14}{'rel':>7}{'gen':>7}{'loc':>7}{'avg':>7}{'s/step':>9}{'cpu s':>8}"
+              f"{'infer x':>9}")
     print(header)
     print("-" * len(header))
     row = results["unedited"]
@@ -200,10 +213,12 @@ def _print_table(results: dict[str, Any]) -> None:
                 continue
             s = entry[protocol]["scores"]
             step = statistics.median(entry[protocol]["step_seconds"])
+            cpu = entry[protocol].get("step_cpu_seconds")
+            cpu_text = f"{statistics.median(cpu):8.1f}" if cpu else f"{'-':>8}"
             infer = entry.get("inference", {}).get("median_ratio") if protocol == "consecutive" else None
             infer_text = f"{infer:9.3f}" if infer is not None else f"{'-':>9}"
             print(f"{method:<11}{protocol:<14}{s['reliability']:7.3f}{s['generality']:7.3f}{s['locality']:7.3f}"
-                  f"{s['average']:7.3f}{step:9.1f}{infer_text}")
+                  f"{s['average']:7.3f}{step:9.1f}{cpu_text}{infer_text}")
 
 
 if __name__ == "__main__":

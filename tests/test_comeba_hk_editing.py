@@ -266,6 +266,26 @@ def test_step_moves_the_z_layer_output_to_the_target_values(stats_dir: str, monk
     assert (end < 0.5 * start).all(), (start, end)
 
 
+@pytest.mark.parametrize("arch,names", [("llama3", LLAMA), ("gpt-j", GPTJ), ("gemma-3", LLAMA)])
+def test_suffix_only_z_steps_equal_full_prompt_steps(stats_dir: str, arch: str, names: dict) -> None:
+    """The prefix cache, suffix buckets and replayed upper blocks are exact, only faster."""
+    from smedit_plugin.comeba_hk.compute_z import compute_target_values
+    from smedit_plugin.comeba_hk.templates import TokenView, prepare_requests
+
+    model, tok = _model(arch)
+    groups = [["{}"], ["Yesterday it rained. {}", "I think that {}"]]
+    results = []
+    for prefix in (True, False):
+        hp = _hp(stats_dir, z_prefix_cache=prefix, v_num_grad_steps=4, **names)
+        mods = comeba_main._Modules(model, hp)
+        z, info = compute_target_values(model, TokenView(tok), prepare_requests(REQUESTS + MORE), groups, mods.z_block,
+                                        mods.upper_blocks, mods.ln_f, mods.lm_head, mods.softcap, hp, torch.device("cpu"))
+        results.append((z, info["z_loss"]))
+    (z_prefix, loss_prefix), (z_full, loss_full) = results
+    assert torch.allclose(z_prefix, z_full, atol=1e-4 * float(z_full.abs().max()))
+    assert loss_prefix == pytest.approx(loss_full, rel=1e-4)
+
+
 def test_bfloat16_model_edits_with_float32_state(stats_dir: str) -> None:
     model, tok = _model(dtype=torch.bfloat16)
     base = _logits(model, tok)

@@ -16,7 +16,8 @@ runs only the suffix tokens (exact, a few times fewer tokens).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import logging
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from torch import nn
 from .modules import (base_model, block_hidden, cache_checkpoint, logits_from_hidden, replace_block_hidden,
                       sliding_window, stop_after)
 from .templates import KL_PROMPT_SUFFIX, EditRequest, TokenView, split_template
+
+logger = logging.getLogger(__name__)
 
 #: MEMIT's early-stop threshold on a request's total loss.
 EARLY_STOP_LOSS = 5e-2
@@ -86,78 +89,51 @@ def build_z_batch(view: TokenView, requests: Sequence[EditRequest], groups: Sequ
                   tensor(t_ids), tensor(t_prompt), tensor(p_req), tensor(p_len), tensor(kl_rows), tensor(init_rows))
 
 
-class _Runner:
-    """Runs the layers above the z block for a given ``delta`` and returns loss-block rows.
+#: Most groups the rewriting prompts are split into for a suffix pass (by suffix length: less padding).
+SUFFIX_BUCKETS = 3
 
-    Full mode re-runs whole prompts, replacing the z block's output with the cached one plus
-    ``delta``. Prefix mode feeds only tokens from each subject's last token on, attending to the
-    cached keys/values of the earlier tokens through an explicit 4-D mask.
+
+def _first_pass(model: nn.Module, batch: ZBatch, z_block: nn.Module, with_cache: bool) -> tuple[torch.Tensor, Any]:
+    """The z block's output for every prompt (delta = 0) and, if asked, the KV cache of all layers."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_mod: nn.Module, _args: tuple, output: Any) -> None:
+        captured["z"] = block_hidden(output).detach()
+
+    handle = z_block.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            if with_cache:
+                cache = base_model(model)(input_ids=batch.ids, attention_mask=batch.mask, use_cache=True).past_key_values
+            else:
+                cache = None
+                with stop_after(z_block):
+                    model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    finally:
+        handle.remove()
+    return captured["z"], cache
+
+
+class _FullRunner:
+    """Re-runs whole prompts each step, the z block's output replaced by the cached one plus ``delta``.
+
+    The fallback for attention kernels that take no explicit 4-D mask (flash attention).
     """
 
-    def __init__(self, model: nn.Module, batch: ZBatch, z_block: nn.Module, loss_block: nn.Module,
-                 prefix_cache: bool) -> None:
+    def __init__(self, model: nn.Module, batch: ZBatch, z_block: nn.Module, loss_block: nn.Module) -> None:
         self.model, self.batch, self.z_block, self.loss_block = model, batch, z_block, loss_block
-        self.prefix_cache = prefix_cache
-        captured: dict[str, Any] = {}
+        self.z_out, _ = _first_pass(model, batch, z_block, with_cache=False)
 
-        def grab(_mod: nn.Module, _args: tuple, output: Any) -> None:
-            captured["z"] = block_hidden(output).detach()
-
-        handle = z_block.register_forward_hook(grab)
-        try:
-            with torch.no_grad():
-                if prefix_cache:
-                    out = base_model(model)(input_ids=batch.ids, attention_mask=batch.mask, use_cache=True)
-                    self.cache = out.past_key_values
-                else:
-                    with stop_after(z_block):
-                        model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-        finally:
-            handle.remove()
-        self.z_out = captured["z"]  # [B, T, d]
-        rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
-        self.z_init_rows = self.z_out[rows, batch.subject_last]  # [B, d]
-        if prefix_cache:
-            self._prepare_suffix()
-
-    def _prepare_suffix(self) -> None:
-        b = self.batch
-        device = b.ids.device
-        n_rows, width = b.ids.shape
-        suffix_len = b.lengths - b.subject_last
-        s_max = int(suffix_len.max())
-        offs = torch.arange(s_max, device=device)
-        pos = b.subject_last[:, None] + offs[None, :]
-        inside = offs[None, :] < suffix_len[:, None]
-        pos_clamped = torch.where(inside, pos, b.subject_last[:, None])
-        rows = torch.arange(n_rows, device=device)[:, None]
-        self.suffix_ids = torch.where(inside, b.ids[rows, pos_clamped], torch.zeros_like(pos))
-        self.suffix_pos = pos_clamped
-        self.suffix_base = self.z_out[rows, pos_clamped]  # [B, S, d]
-        dtype = self.z_out.dtype
-        blocked = torch.finfo(dtype).min
-        cached_ok = torch.arange(width, device=device)[None, None, :] < b.subject_last[:, None, None]
-        causal = offs[None, :, None] >= offs[None, None, :]
-        new_ok = causal & inside[:, None, :]
-        new_ok = new_ok | (offs[None, None, :] == 0)
-        allowed = torch.cat([cached_ok.expand(n_rows, s_max, width), new_ok.expand(n_rows, s_max, s_max)], dim=-1)
-        self.mask4d = torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
-                                  torch.full((), blocked, dtype=dtype, device=device))[:, None]
-
-    def loss_rows(self, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Loss-block output at ``(rows, cols)`` (absolute positions) with ``delta`` injected."""
+    def loss_rows(self, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Loss-block output at ``(rows, cols)`` with ``delta`` added at every subject's last token."""
         b = self.batch
         captured: dict[str, torch.Tensor] = {}
         shift = delta[b.request_of_row].to(self.z_out.dtype)
+        every = torch.arange(b.ids.shape[0], device=b.ids.device)
 
         def inject(_mod: nn.Module, _args: tuple, output: Any) -> Any:
-            if self.prefix_cache:
-                hidden = self.suffix_base.clone()
-                hidden[:, 0] = hidden[:, 0] + shift
-            else:
-                hidden = self.z_out.clone()
-                all_rows = torch.arange(hidden.shape[0], device=hidden.device)
-                hidden[all_rows, b.subject_last] = hidden[all_rows, b.subject_last] + shift
+            hidden = self.z_out.clone()
+            hidden[every, b.subject_last] = hidden[every, b.subject_last] + shift
             return replace_block_hidden(output, hidden)
 
         def grab(_mod: nn.Module, _args: tuple, output: Any) -> None:
@@ -165,35 +141,156 @@ class _Runner:
 
         handles = [self.z_block.register_forward_hook(inject), self.loss_block.register_forward_hook(grab)]
         try:
-            if self.prefix_cache:
-                with cache_checkpoint(self.cache), stop_after(self.loss_block):
-                    self.model(input_ids=self.suffix_ids, attention_mask=self.mask4d, position_ids=self.suffix_pos,
-                               past_key_values=self.cache, use_cache=True)
-            else:
-                with stop_after(self.loss_block):
-                    self.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+            with stop_after(self.loss_block):
+                self.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        if self.prefix_cache:
-            cols = cols - b.subject_last[rows]
         return captured["h"][rows, cols]
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """Prompts run together in the suffix pass, padded to ``width`` suffix tokens."""
+
+    rows: torch.Tensor
+    requests: torch.Tensor
+    ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    base: torch.Tensor
+    replay: Optional[list[tuple[tuple, dict]]] = None
+
+
+def _split_by_width(widths: list[int], counts: list[int], max_groups: int) -> list[list[int]]:
+    """Indices (sorted by width) cut into at most ``max_groups`` runs with the fewest padded tokens."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    best: tuple[float, list[list[int]]] = (float("inf"), [order])
+    n = len(order)
+    for cuts in ([()] + [(a,) for a in range(1, n)]
+                 + ([(a, b) for a in range(1, n) for b in range(a + 1, n)] if max_groups >= 3 else [])):
+        bounds = [0, *cuts, n]
+        groups = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        cost = sum(sum(counts[i] for i in g) * max(widths[i] for i in g) for g in groups)
+        if cost < best[0]:
+            best = (cost, groups)
+    return best[1]
+
+
+class _PrefixRunner:
+    """Runs only the tokens from each subject's last token on, attending to cached earlier tokens.
+
+    Tokens before the subject's last token are unaffected by ``delta`` (causal attention), so their
+    keys/values at every layer come from one cached forward; a step feeds the suffix tokens with an
+    explicit 4-D mask (cached prefix + causal suffix) and their true positions. The blocks above the
+    z block are called directly after the first pass of each bucket (their arguments captured
+    then), so the layers below, whose output is replaced anyway, are skipped. KL prompts need only
+    the subject's last token; requests whose loss stopped are left out bucket by bucket.
+    """
+
+    def __init__(self, model: nn.Module, batch: ZBatch, z_block: nn.Module, upper_blocks: list[nn.Module]) -> None:
+        self.model, self.batch, self.z_block, self.upper_blocks = model, batch, z_block, upper_blocks
+        self.z_out, self.cache = _first_pass(model, batch, z_block, with_cache=True)
+        device = batch.ids.device
+        suffix = (batch.lengths - batch.subject_last).tolist()
+        kl_rows = set(batch.kl_rows.tolist())
+        n_requests = len(batch.init_rows)
+        rows_of = [[r for r in range(len(suffix)) if batch.request_of_row[r] == i and r not in kl_rows]
+                   for i in range(n_requests)]
+        widths = [max(suffix[r] for r in rows) for rows in rows_of]
+        groups = _split_by_width(widths, [len(rows) for rows in rows_of], SUFFIX_BUCKETS)
+        self.buckets = [self._bucket([r for i in g for r in rows_of[i]], g, max(widths[i] for i in g), device)
+                        for g in groups]
+        self.buckets.append(self._bucket(batch.kl_rows.tolist(), list(range(n_requests)), 1, device))
+        self.width = max(widths + [1])
+
+    def _bucket(self, rows: list[int], requests: list[int], width: int, device: torch.device) -> _Bucket:
+        b = self.batch
+        row_t = torch.tensor(rows, dtype=torch.long, device=device)
+        start = b.subject_last[row_t]
+        length = torch.clamp(b.lengths[row_t] - start, max=width)
+        offs = torch.arange(width, device=device)
+        inside = offs[None, :] < length[:, None]
+        positions = torch.where(inside, start[:, None] + offs[None, :], start[:, None])
+        ids = torch.where(inside, b.ids[row_t[:, None], positions], torch.zeros_like(positions))
+        dtype = self.z_out.dtype
+        cached_ok = torch.arange(b.ids.shape[1], device=device)[None, None, :] < start[:, None, None]
+        new_ok = (offs[None, :, None] >= offs[None, None, :]) & inside[:, None, :] | (offs[None, None, :] == 0)
+        allowed = torch.cat([cached_ok.expand(len(rows), width, -1), new_ok.expand(len(rows), width, width)], dim=-1)
+        mask = torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
+                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))[:, None]
+        return _Bucket(row_t, torch.tensor(requests, dtype=torch.long, device=device), ids, positions, mask,
+                       self.z_out[row_t[:, None], positions])
+
+    def _run(self, bucket: _Bucket, shift: torch.Tensor) -> torch.Tensor:
+        """Output of the last upper block for one bucket (first time through the model, then replayed)."""
+        hidden = bucket.base.clone()
+        hidden[:, 0] = hidden[:, 0] + shift
+        with cache_checkpoint(self.cache):
+            self.cache.batch_select_indices(bucket.rows)
+            if bucket.replay is not None:
+                for block, (args, kwargs) in zip(self.upper_blocks, bucket.replay):
+                    hidden = block_hidden(block(hidden, *args, **kwargs))
+                return hidden
+            return self._first_run(bucket, hidden)
+
+    def _first_run(self, bucket: _Bucket, hidden: torch.Tensor) -> torch.Tensor:
+        calls: list[tuple[tuple, dict]] = []
+        captured: dict[str, torch.Tensor] = {}
+
+        def record(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.append((args[1:], dict(kwargs)))
+
+        def inject(_mod: nn.Module, _args: tuple, output: Any) -> Any:
+            return replace_block_hidden(output, hidden)
+
+        def grab(_mod: nn.Module, _args: tuple, output: Any) -> None:
+            captured["h"] = block_hidden(output)
+
+        handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in self.upper_blocks]
+        handles += [self.z_block.register_forward_hook(inject), self.upper_blocks[-1].register_forward_hook(grab)]
+        try:
+            with stop_after(self.upper_blocks[-1]):
+                self.model(input_ids=bucket.ids, attention_mask=bucket.mask, position_ids=bucket.positions,
+                           past_key_values=self.cache, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        bucket.replay = calls
+        return captured["h"]
+
+    def loss_rows(self, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Loss-block output at ``(rows, cols)`` (absolute positions); rows of inactive buckets are zeros."""
+        b = self.batch
+        out = torch.zeros(b.ids.shape[0], self.width, self.z_out.shape[-1], dtype=self.z_out.dtype,
+                          device=self.z_out.device)
+        for bucket in self.buckets:
+            if not bool(active[bucket.requests].any()):
+                continue
+            shift = delta[b.request_of_row[bucket.rows]].to(self.z_out.dtype)
+            hidden = self._run(bucket, shift)
+            width = hidden.shape[1]
+            out = out.index_put((bucket.rows[:, None].expand(-1, width),
+                                 torch.arange(width, device=out.device)[None, :].expand(len(bucket.rows), -1)), hidden)
+        return out[rows, cols - b.subject_last[rows]]
+
+
 def compute_target_values(model: nn.Module, view: TokenView, requests: Sequence[EditRequest],
-                          groups: Sequence[Sequence[str]], z_block: nn.Module, loss_block: nn.Module,
-                          ln_f: nn.Module, lm_head: nn.Module, softcap: float | None, hp: Any,
+                          groups: Sequence[Sequence[str]], z_block: nn.Module, upper_blocks: list[nn.Module],
+                          ln_f: nn.Module, lm_head: nn.Module, softcap: Optional[float], hp: Any,
                           device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
     """``(Z [d, n] float32, info)``: ``z_i = z_init_i + delta_i`` after at most ``v_num_grad_steps`` Adam steps.
 
+    ``upper_blocks`` are the blocks above the z block up to the loss block (``v_loss_layer``).
     ``info`` reports per-request final losses and the number of steps each request took.
     """
     batch = build_z_batch(view, requests, groups, device)
     window = sliding_window(model)
     fits = window is None or 2 * batch.ids.shape[1] < window
-    runner = _Runner(model, batch, z_block, loss_block, hp.z_prefix_cache and fits)
+    runner = (_PrefixRunner(model, batch, z_block, upper_blocks) if hp.z_prefix_cache and fits
+              else _FullRunner(model, batch, z_block, upper_blocks[-1]))
     n = len(requests)
-    z_init = runner.z_init_rows[batch.init_rows].float()  # [n, d]
+    z_init = runner.z_out[batch.init_rows, batch.subject_last[batch.init_rows]].float()  # [n, d]
     max_norm = hp.clamp_norm_factor * z_init.norm(dim=1)  # [n]
     delta = torch.zeros_like(z_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -206,7 +303,7 @@ def compute_target_values(model: nn.Module, view: TokenView, requests: Sequence[
     kl_init = None
     losses = torch.zeros(n, device=device)
     for step in range(hp.v_num_grad_steps):
-        hidden = runner.loss_rows(delta, rows, cols)
+        hidden = runner.loss_rows(delta, rows, cols, active)
         log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
         token_lp = log_probs[:n_targets].gather(1, batch.target_ids[:, None]).squeeze(1)
         prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=device).index_add(0, batch.target_prompt, token_lp)
@@ -219,7 +316,9 @@ def compute_target_values(model: nn.Module, view: TokenView, requests: Sequence[
         kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
         decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + decay
-        losses = loss.detach()
+        losses = torch.where(active, loss.detach(), losses)
+        logger.debug("z step %d: loss %s (nll %s)", step, [round(x, 3) for x in losses.tolist()],
+                     [round(x, 3) for x in nll.detach().tolist()])
         active = active & (losses >= EARLY_STOP_LOSS)
         if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
             break

@@ -22,6 +22,13 @@ def _layers_increasing(hp: "COMEBAHKHyperParams") -> Optional[str]:
     return None
 
 
+def _loss_layer_above(hp: "COMEBAHKHyperParams") -> Optional[str]:
+    if hp.layers and hp.v_loss_layer <= hp.layers[-1]:
+        return (f"field 'v_loss_layer' = {hp.v_loss_layer} must be above the last edited layer {hp.layers[-1]} "
+                "(the NLL is read after the layers that carry delta to the targets; use the model's last layer)")
+    return None
+
+
 def _templates_have_slot(hp: "COMEBAHKHyperParams") -> Optional[str]:
     for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
         value = getattr(hp, name)
@@ -95,7 +102,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     mask_bos: bool = F(default=True, metadata={"help": "a BOS the tokenizer adds never counts in the z-score nor is swapped"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
 
-    _checks: ClassVar[tuple] = (_layers_increasing, _templates_have_slot, _template_params, _hook_matches_name)
+    _checks: ClassVar[tuple] = (_layers_increasing, _loss_layer_above, _templates_have_slot, _template_params, _hook_matches_name)
 
     @property
     def hooks_enabled(self) -> bool:

@@ -14,6 +14,8 @@ MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and n
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -34,6 +36,8 @@ from .state import (attach_state, find_state, hook_layers, original_fingerprint,
                     state_parameters)
 from .templates import EditRequest, TokenView, generate_context_templates, prepare_requests
 from .update import accumulate_keys, consecutive_update, initial_c_accu, post_norm_residual, spread_residual
+
+logger = logging.getLogger(__name__)
 
 
 class _Modules:
@@ -56,8 +60,8 @@ class _Modules:
                 raise ValueError(f"hparams field 'rewrite_module_tmp': {name}: {exc}") from None
         self.blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp") for layer in hp.layers]
         self.z_block = self.blocks[-1]
-        self.loss_block = get_module(model, hp.layer_module_tmp.format(max(hp.v_loss_layer, hp.layers[-1])),
-                                     "layer_module_tmp")
+        self.upper_blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp")
+                             for layer in range(hp.layers[-1] + 1, max(hp.v_loss_layer, hp.layers[-1]) + 1)]
         self.ln_f = get_module(model, hp.ln_f_module, "ln_f_module")
         self.lm_head = get_module(model, hp.lm_head_module, "lm_head_module")
         if not isinstance(getattr(self.lm_head, "weight", None), torch.Tensor) or self.lm_head.weight.dim() != 2:
@@ -133,13 +137,15 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     layers = [getattr(m, HOOK_ATTR) for m in mods.rewrite]
     hooks = hp.hooks_enabled
     report: dict[str, Any] = {"residual_norms": []}
+    tick = time.perf_counter()
     try:
         with frozen_eval(model):
             if hooks:
                 set_mode(layers, "validated")
-            z, z_info = compute_target_values(model, view, requests, groups, mods.z_block, mods.loss_block, mods.ln_f,
+            z, z_info = compute_target_values(model, view, requests, groups, mods.z_block, mods.upper_blocks, mods.ln_f,
                                               mods.lm_head, mods.softcap, hp, device)
             report.update(z_info)
+            report["z_seconds"] = time.perf_counter() - tick
             if hooks:
                 set_mode(layers, "temporary")
             for i, (module, layer) in enumerate(zip(mods.rewrite, layers)):
@@ -166,6 +172,10 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     finally:
         if hooks:
             set_mode(layers, "validated")
+    report["seconds"] = time.perf_counter() - tick
+    logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, alpha %s)", hp.alg_name,
+                int(controller.steps), len(requests), report["seconds"], report["z_seconds"], report["z_steps"],
+                [round(x, 3) for x in report["z_loss"]], report.get("alpha"))
     return report
 
 
