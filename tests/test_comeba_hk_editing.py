@@ -197,7 +197,7 @@ def test_bad_input_fails_before_anything_changes(stats_dir: str) -> None:
         ([{"prompt": "Who wrote Hamlet?", "target_new": "Marlowe"}], _hp(stats_dir), "subject"),
         ([{"prompt": "Who wrote Hamlet?", "target_new": "Marlowe", "subject": "Macbeth"}], _hp(stats_dir), "does not occur"),
         ([{"prompt": "Who wrote Hamlet?", "target_new": " ", "subject": "Hamlet"}], _hp(stats_dir), "target_new"),
-        (REQUESTS, _hp(stats_dir, layers=[2, 7]), "layers"),
+        (REQUESTS, _hp(stats_dir, layers=[2, 7], v_loss_layer=8), "layers"),
         (REQUESTS, _hp(stats_dir, v_loss_layer=9), "v_loss_layer"),
         (REQUESTS, _hp(stats_dir, rewrite_module_tmp="model.layers.{}.mlp"), "rewrite_module_tmp"),
         (REQUESTS, _hp(stats_dir, lm_head_module="lm_hed"), "lm_head_module"),
