@@ -45,6 +45,12 @@ def alg_dict(ee):
     batch_editor = importlib.import_module("easyeditor.editors.batch_editor").BatchEditor
     saved_table = dict(table)
     saved_method = batch_editor.__dict__["is_batchable_method"]
+    # start from EasyEdit as shipped, even if an earlier test module registered the plugin
+    for name in [n for n, value in table.items() if getattr(value, "_smedit_method", None)]:
+        del table[name]
+    func = saved_method.__func__
+    if getattr(func, "_smedit_wrapped", False):
+        setattr(batch_editor, "is_batchable_method", staticmethod(func._smedit_original))
     yield table
     table.clear()
     table.update(saved_table)
