@@ -150,6 +150,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--infer-runs", type=int, default=9)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="hparams overrides (JSON values)")
+    parser.add_argument("--single-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="extra overrides for single-round editing only (the paper uses lambda 5000 there vs 15000)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 avoids "
                         "thread thrashing when other jobs share the cores")
     parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk.json"))
@@ -157,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("smedit_plugin.comeba_hk").setLevel(logging.INFO)
     overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    single_overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.single_set)}
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -168,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     pre = _scores(evaluate_records(base, tok, records, dataset="zsre", locality="agreement", reference=reference,
                                    progress=False))
     results: dict[str, Any] = {"model": args.model, "n_edits": args.n_edits, "batch_size": args.batch_size,
-                               "threads": torch.get_num_threads(), "overrides": overrides, "unedited": pre,
+                               "threads": torch.get_num_threads(), "overrides": overrides,
+                               "single_round_overrides": single_overrides, "unedited": pre,
                                "methods": {}}
     for method in args.methods:
         hp = load_method_hparams(method, args.model, overrides)
@@ -188,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             del model
         if args.single_n:
             model = copy.deepcopy(base)
-            single_hp = hp.replace(batch_size=args.single_batch)
+            single_hp = hp.replace(batch_size=args.single_batch, **single_overrides)
             entry["single_round"] = single_round(model, tok, single_hp, records[:args.single_n],
                                                  reference[:args.single_n], args.single_batch)
             del model

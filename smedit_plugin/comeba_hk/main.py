@@ -173,9 +173,10 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
         if hooks:
             set_mode(layers, "validated")
     report["seconds"] = time.perf_counter() - tick
-    logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, alpha %s)", hp.alg_name,
-                int(controller.steps), len(requests), report["seconds"], report["z_seconds"], report["z_steps"],
-                [round(x, 3) for x in report["z_loss"]], report.get("alpha"))
+    logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, residual norms %s, alpha %s)",
+                hp.alg_name, int(controller.steps), len(requests), report["seconds"], report["z_seconds"],
+                report["z_steps"], [round(x, 3) for x in report["z_loss"]],
+                [round(x, 2) for x in report["residual_norms"]], report.get("alpha"))
     return report
 
 
