@@ -16,14 +16,8 @@ DATA = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from smedit_plugin.models import load_model_and_tokenizer
-
-    return load_model_and_tokenizer("smollm2-135m")
-
-
 def test_consecutive_zsre_edits_land_and_detach_exactly(smollm2, tmp_path: Path) -> None:
+    """Uses the shared session model: the hooks come off at the end and its weights are never written."""
     model, tok = smollm2
     records = load_zsre(DATA / "zsre" / "zsre_eval.json", limit=6)
     reference = predict_locality_reference(model, tok, records)
