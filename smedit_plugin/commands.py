@@ -162,7 +162,7 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
     parser.add_argument("--train-data", type=Path, default=None)
     parser.add_argument("--eval-data", type=Path, required=True)
-    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated method names")
+    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT)")
     parser.add_argument("--protocol", choices=("batch", "sequential", "consecutive", "single-round"), default="batch",
                         help="batch/sequential: hypernetwork methods; consecutive/single-round: COMEBA-HK, MEMIT-C")
     parser.add_argument("--n-edits", type=int, default=64,
@@ -174,27 +174,32 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--curve-every", type=int, default=0,
                         help="sequential protocol: also re-score all facts edited so far after every K sequences")
-    parser.add_argument("--plot", type=Path, default=None, help="write the curves (needs --curve-every) as a PNG")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="write a PNG: curves with --curve-every, otherwise bars per method and metric")
+    parser.add_argument("--easyedit-hparams", type=Path, default=None,
+                        help="folder of EasyEdit YAMLs (METHOD/MODEL.yaml) for easyedit:<METHOD> entries "
+                             "(default: the plugin's hparams/EASYEDIT)")
+    parser.add_argument("--via-easyedit", action="store_true",
+                        help="also run the plugin's methods end to end through EasyEdit's BaseEditor")
     parser.add_argument("--out", type=Path, default=Path("compare_results.json"))
     parser.add_argument("--no-progress", action="store_true")
     return run_compare_command
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, format_table, plot_curves, run_compare
+    from .compare import CompareConfig, format_table, plot_results, run_compare
     from .fileio import write_json_atomic
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
                         methods=[m.strip() for m in args.methods.split(",") if m.strip()], protocol=args.protocol,
                         n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size,
                         archive_root=args.archives, retrain=args.retrain,
-                        curve_every=args.curve_every, progress=not args.no_progress)
-    if args.plot is not None and not args.curve_every:
-        raise ValueError("--plot needs --curve-every K (how often to re-score along the sequence)")
+                        curve_every=args.curve_every, progress=not args.no_progress,
+                        easyedit_hparams=args.easyedit_hparams, via_easyedit=args.via_easyedit)
     rows = run_compare(cfg)
     print(format_table(rows))
     write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
     if args.plot is not None:
-        print(f"wrote {plot_curves(rows, args.plot)}")
+        print(f"wrote {plot_results(rows, args.plot)}")
     return 0

@@ -2,7 +2,10 @@
 
 Each method is trained (or its archive reused) on the same training records, edits the same
 evaluation records and is scored on the final model; results come back as rows with the same
-fields for every method, printed as a table and written as JSON.
+fields for every method, printed as a table and written as JSON. ``easyedit:<METHOD>`` entries run
+EasyEdit's own methods through its ``BaseEditor`` on the same model, records and protocol, and
+``via_easyedit`` also runs the plugin's methods through ``BaseEditor`` so EasyEdit's metric dicts
+can be checked against ours.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .data import EditRecord, load_records
-from .evaluation import evaluate_records
+from .easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_through_editor, seed_covariance_from_text,
+                            split_method, summarise_metrics)
+from .evaluation import evaluate_records, predict_locality_reference
 from .fileio import write_json_atomic
 from .hparams import HyperParamsError, load_hparams
 from .models import cache_dir, load_model_and_tokenizer
@@ -28,6 +33,8 @@ from .registry import METHODS
 PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",
               "specificity", "train_s_per_edit", "edit_s_per_edit", "peak_rss_mb")
+METRIC_NAMES = ("efficacy", "generalization", "specificity")
+LOCATE_PROTOCOLS = ("consecutive", "single-round")
 
 
 def hparams_dir() -> Path:
@@ -45,6 +52,18 @@ def method_hparams(method: str, model_key: str, *, training: bool, root: Optiona
     if not base.is_file():
         raise HyperParamsError(f"no hparams file {base} for method {method!r} and model {model_key!r}")
     return load_hparams(base)
+
+
+def builtin_hparams_dir() -> Path:
+    """EasyEdit-format YAMLs of EasyEdit's own methods for the plugin's CPU models (``hparams/EASYEDIT``)."""
+    return hparams_dir() / "EASYEDIT"
+
+
+def local_text() -> Path:
+    """The bundled WikiText-2 text that stands in for EasyEdit's covariance corpus download."""
+    from .comeba_hk.covariance import WIKITEXT2, corpus_path
+
+    return corpus_path(WIKITEXT2)
 
 
 def peak_rss_mb() -> float:
@@ -78,6 +97,26 @@ class CompareConfig:
     retrain: bool = False
     curve_every: int = 0
     progress: bool = True
+    easyedit_hparams: Optional[Path] = None
+    via_easyedit: bool = False
+
+    @property
+    def locate(self) -> bool:
+        return self.protocol in LOCATE_PROTOCOLS
+
+    @property
+    def chunk_size(self) -> int:
+        """Facts per edit call: one batch (batch, sequential) or one step (consecutive, single-round)."""
+        return self.batch_size if self.locate else self.n_edits
+
+
+def _score(cfg: CompareConfig, model, tok, records: Sequence[EditRecord], reference: Optional[list],
+           progress: bool = False) -> dict[str, Any]:
+    """The protocol's metrics: the SMEdit paper's for batch/sequential, the COMEBA-HK paper's otherwise."""
+    if cfg.locate:
+        return evaluate_records(model, tok, list(records), dataset=cfg.dataset, locality="agreement",
+                                reference=reference, scoring="accuracy", progress=progress)
+    return evaluate_records(model, tok, list(records), dataset=cfg.dataset, progress=progress)
 
 
 def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[EditRecord],
@@ -113,7 +152,8 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
     return row
 
 
-def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord]) -> dict[str, Any]:
+def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord],
+                reference: list) -> dict[str, Any]:
     """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
 
     Metrics follow the COMEBA-HK paper: reliability / generality as teacher-forced token accuracy and
@@ -122,13 +162,11 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
     """
     from .comeba_hk.state import remove_hook_layers
     from .data import to_requests
-    from .evaluation import predict_locality_reference
 
     hp = method_hparams(method, cfg.model, training=False).replace(batch_size=cfg.batch_size)
     apply = METHODS[method].apply_function()
     rewritten = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in rewritten}
-    reference = predict_locality_reference(model, tok, list(evaluation))
     batches = [list(evaluation[i:i + cfg.batch_size]) for i in range(0, len(evaluation), cfg.batch_size)]
     refs = [reference[i:i + cfg.batch_size] for i in range(0, len(evaluation), cfg.batch_size)]
 
@@ -145,19 +183,99 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
             apply(model, tok, to_requests(batch), hp, return_orig_weights=False, keep_original_weight=False)
             edit_seconds += time.perf_counter() - start
             if cfg.protocol == "single-round":
-                scores.append((len(batch), evaluate_records(model, tok, batch, dataset=cfg.dataset,
-                                                            locality="agreement", reference=ref, progress=False)))
+                scores.append((len(batch), _score(cfg, model, tok, batch, ref)))
                 roll_back()
         if cfg.protocol == "consecutive":
-            scores.append((len(evaluation), evaluate_records(model, tok, list(evaluation), dataset=cfg.dataset,
-                                                             locality="agreement", reference=reference,
-                                                             progress=cfg.progress)))
+            scores.append((len(evaluation), _score(cfg, model, tok, evaluation, reference, cfg.progress)))
     finally:
         roll_back()
     total = sum(n for n, _ in scores)
-    metrics = {k: sum(n * m[k] for n, m in scores) / total for k in ("efficacy", "generalization", "specificity")}
+    metrics = {k: sum(n * m[k] for n, m in scores) / total for k in METRIC_NAMES}
     return {"train_s_per_edit": None, "edit_s_per_edit": edit_seconds / len(evaluation), **metrics,
             "average": sum(metrics.values()) / 3, "batch_size": cfg.batch_size}
+
+
+def _through_easyedit(cfg: CompareConfig, hparams: Any, model, tok, evaluation: Sequence[EditRecord],
+                      reference: Optional[list]) -> dict[str, Any]:
+    """Edit ``evaluation`` under the protocol with EasyEdit's ``BaseEditor``, score it our way, then roll back.
+
+    Returns our metrics plus ``easyedit`` (EasyEdit's own per-record metric dicts, averaged). The
+    model is restored bit-exactly afterwards, whatever happened (every parameter is snapshotted,
+    COMEBA-HK hook state is removed).
+    """
+    from .comeba_hk.state import remove_hook_layers
+    from .editing import WeightsSnapshot
+
+    snapshot = WeightsSnapshot(model)
+    for name, _ in model.named_parameters():
+        snapshot.capture(name)
+
+    def roll_back() -> None:
+        remove_hook_layers(model)
+        snapshot.restore()
+
+    groups = ([list(evaluation[i:i + cfg.chunk_size]) for i in range(0, len(evaluation), cfg.chunk_size)]
+              if cfg.protocol == "single-round" else [list(evaluation)])
+    scores, easyedit_metrics, seconds, mode = [], [], 0.0, ""
+    try:
+        for group in groups:
+            ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(group)]
+            run = run_through_editor(hparams, model, tok, group, cfg.chunk_size)
+            seconds, mode = seconds + run.edit_seconds, run.mode
+            easyedit_metrics.extend(run.metrics)
+            scores.append((len(group), _score(cfg, model, tok, group, ref, cfg.progress and len(groups) == 1)))
+            roll_back()
+    finally:
+        roll_back()
+    ours = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
+    return {**ours, "edit_s_per_edit": seconds / len(evaluation), "easyedit_mode": mode,
+            "easyedit": summarise_metrics(easyedit_metrics)}
+
+
+def _weighted(pairs: Sequence[tuple[int, Optional[float]]]) -> Optional[float]:
+    pairs = [(n, v) for n, v in pairs if v is not None]
+    return sum(n * v for n, v in pairs) / sum(n for n, _ in pairs) if pairs else None
+
+
+def _builtin_row(cfg: CompareConfig, name: str, model, tok, evaluation: Sequence[EditRecord],
+                 reference: Optional[list]) -> dict[str, Any]:
+    """An EasyEdit built-in method with EasyEdit's own YAML; a row that says why if it cannot run here."""
+    try:
+        hp = load_builtin_hparams(name, cfg.model, cfg.easyedit_hparams or builtin_hparams_dir())
+        if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
+            hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
+            seed_covariance_from_text(hp, model, tok, local_text())
+        row = _through_easyedit(cfg, hp, model, tok, evaluation, reference)
+    except (EasyEditUnavailable, FileNotFoundError) as exc:
+        return {**dict.fromkeys(METRIC_NAMES), "train_s_per_edit": None, "edit_s_per_edit": None, "error": str(exc)}
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        return {**dict.fromkeys(METRIC_NAMES), "train_s_per_edit": None, "edit_s_per_edit": None,
+                "error": f"EasyEdit's {name} failed on this model: {type(exc).__name__}: {exc}"}
+    if cfg.locate:
+        row["average"] = sum(row[k] for k in METRIC_NAMES) / 3
+    return {**row, "train_s_per_edit": None}
+
+
+def _via_easyedit(cfg: CompareConfig, method: str, row: dict[str, Any], model, tok,
+                  evaluation: Sequence[EditRecord], reference: Optional[list]) -> dict[str, Any]:
+    """The plugin method again, end to end through ``BaseEditor``: EasyEdit's metrics and ours on that run."""
+    hp = method_hparams(method, cfg.model, training=False)
+    if cfg.locate:
+        hp = hp.replace(batch_size=cfg.batch_size)
+    else:
+        seq_file = hparams_dir() / method / f"{cfg.model}-seq.yaml"
+        if cfg.protocol == "sequential" and seq_file.is_file():
+            hp = load_hparams(seq_file)
+        hp = hp.replace(archive=row["archive"])
+    try:
+        result = _through_easyedit(cfg, hp, model, tok, evaluation, reference)
+    except EasyEditUnavailable as exc:
+        return {"easyedit_error": str(exc)}
+    return {"easyedit": result["easyedit"], "easyedit_mode": result["easyedit_mode"],
+            "via_easyedit": {k: result[k] for k in METRIC_NAMES}}
 
 
 def _mark_complete(archive: Path, train_s_per_edit: float) -> None:
@@ -167,69 +285,126 @@ def _mark_complete(archive: Path, train_s_per_edit: float) -> None:
     write_json_atomic(meta_path, meta)
 
 
-def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok: Any = None) -> list[dict[str, Any]]:
-    """Train/evaluate every method of ``cfg`` and return one row per method (plus the unedited model).
-
-    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files).
-    """
-    for method in cfg.methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)}")
+def _check_config(cfg: CompareConfig) -> None:
+    """Every bad setting is reported before a model is loaded or a weight touched."""
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     if cfg.protocol == "batch" and cfg.num_seq != 1:
         raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
-    locate = cfg.protocol in ("consecutive", "single-round")
-    for method in cfg.methods:
-        if METHODS[method].needs_archive == locate:
+    for entry in cfg.methods:
+        builtin, method = split_method(entry)
+        if builtin:
+            continue
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)} "
+                             "or easyedit:<EasyEdit method>")
+        if METHODS[method].needs_archive == cfg.locate:
             wanted = "batch or sequential" if METHODS[method].needs_archive else "consecutive or single-round"
             raise ValueError(f"{method} runs under the {wanted} protocol, not {cfg.protocol!r}")
-    if locate:
+    if cfg.easyedit_hparams is not None and not Path(cfg.easyedit_hparams).is_dir():
+        raise ValueError(f"--easyedit-hparams {cfg.easyedit_hparams} is not a folder; give EasyEdit's hparams/ "
+                         "(or one laid out as METHOD/MODEL.yaml)")
+
+
+def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok: Any = None) -> list[dict[str, Any]]:
+    """Train/evaluate every method of ``cfg`` and return one row per method, after the unedited model's row.
+
+    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files).
+    """
+    _check_config(cfg)
+    if cfg.locate:
         cfg = dataclasses.replace(cfg, num_seq=-(-cfg.n_edits // cfg.batch_size))
-    if model is None:
-        model, tok = load_model_and_tokenizer(cfg.model)
     train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
-    total = cfg.n_edits if locate else cfg.n_edits * cfg.num_seq
+    needs_training = [m for m in cfg.methods if not split_method(m)[0] and METHODS[m].needs_archive]
+    if needs_training and not train:
+        raise ValueError(f"{', '.join(needs_training)} need --train-data to train their hypernetworks")
+    total = cfg.n_edits if cfg.locate else cfg.n_edits * cfg.num_seq
     evaluation = load_records(cfg.eval_data, cfg.dataset)[:total]
     if len(evaluation) < total:
         raise ValueError(f"{cfg.eval_data} has {len(evaluation)} usable records, fewer than n_edits * num_seq = {total}")
+    if model is None:
+        model, tok = load_model_and_tokenizer(cfg.model)
     base = {"model": cfg.model, "dataset": cfg.dataset, "protocol": cfg.protocol, "n_edits": cfg.n_edits,
             "num_seq": cfg.num_seq}
-    start = time.perf_counter()
-    rows = []
-    if locate:
+    if cfg.locate:
         base["batch_size"] = cfg.batch_size
-    else:
-        unedited = evaluate_records(model, tok, list(evaluation), dataset=cfg.dataset, progress=cfg.progress)
-        rows.append({"method": "unedited", **base, **{k: unedited[k] for k in ("efficacy", "generalization", "specificity")},
-                     "train_s_per_edit": None, "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(),
-                     "eval_seconds": time.perf_counter() - start})
-    for method in cfg.methods:
-        if locate:
-            result = _locate_row(cfg, method, model, tok, evaluation)
+    reference = predict_locality_reference(model, tok, list(evaluation)) if cfg.locate else None
+    start = time.perf_counter()
+    unedited = _score(cfg, model, tok, evaluation, reference, cfg.progress)
+    rows = [{"method": "unedited", **base, **{k: unedited[k] for k in METRIC_NAMES}, "train_s_per_edit": None,
+             "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(), "eval_seconds": time.perf_counter() - start,
+             "scoring": unedited["scoring"]}]
+    if cfg.locate:
+        rows[0]["average"] = sum(unedited[k] for k in METRIC_NAMES) / 3
+    for entry in cfg.methods:
+        builtin, method = split_method(entry)
+        if builtin:
+            result = _builtin_row(cfg, method, model, tok, evaluation, reference)
+        elif cfg.locate:
+            result = _locate_row(cfg, method, model, tok, evaluation, reference)
         else:
-            if not train:
-                raise ValueError(f"{method} needs --train-data to train its hypernetwork")
             result = _hypernet_row(cfg, method, model, tok, train, evaluation)
-        rows.append({"method": method, **base, **result, "peak_rss_mb": peak_rss_mb()})
+        if cfg.via_easyedit and not builtin:
+            result.update(_via_easyedit(cfg, method, result, model, tok, evaluation, reference))
+        rows.append({"method": entry, **base, **result, "peak_rss_mb": peak_rss_mb(), "scoring": unedited["scoring"]})
         torch.manual_seed(0)
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as a fixed-width table with metrics in percent."""
+    """Rows as a fixed-width table with metrics in percent; EasyEdit's own metrics and errors follow it."""
     avg = any("average" in r for r in rows)
-    head = ["method", "ES %", "GS %", "LS %"] + (["avg %"] if avg else []) + ["train s/edit", "edit s/edit", "peak RSS MB"]
+    ee = any("easyedit" in r for r in rows)
+    head = (["method", "ES %", "GS %", "LS %"] + (["avg %"] if avg else [])
+            + (["EasyEdit ES/GS/LS %"] if ee else []) + ["train s/edit", "edit s/edit", "peak RSS MB"])
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    secs = lambda v: "-" if v is None else f"{v:.3f}"
     lines = []
     for r in rows:
-        t = r.get("train_s_per_edit")
+        theirs = r.get("easyedit")
         lines.append([r["method"], pct(r["efficacy"]), pct(r["generalization"]), pct(r["specificity"])]
                      + ([pct(r.get("average"))] if avg else [])
-                     + ["-" if t is None else f"{t:.3f}", f"{r['edit_s_per_edit']:.3f}", f"{r['peak_rss_mb']:.0f}"])
+                     + (["/".join(pct(theirs[k]) for k in METRIC_NAMES) if theirs else "-"] if ee else [])
+                     + [secs(r.get("train_s_per_edit")), secs(r.get("edit_s_per_edit")), f"{r['peak_rss_mb']:.0f}"])
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+    notes = [f"{r['method']}: {r[key]}" for r in rows for key in ("error", "easyedit_error") if r.get(key)]
+    notes += [f"{r['method']}: EasyEdit ran it with {r['easyedit_mode']}" for r in rows if r.get("easyedit_mode")]
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines] + notes)
+
+
+def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The run as one PNG: curves when rows carry them (``--curve-every``), else bars per method and metric."""
+    if any(r.get("curve") for r in rows):
+        return plot_curves(rows, path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r.get("efficacy") is not None]
+    if not scored:
+        raise ValueError("no scored rows to plot")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(scored) + 2), 4))
+    width = 0.8 / len(METRIC_NAMES)
+    for j, metric in enumerate(METRIC_NAMES):
+        xs = [i + (j - 1) * width for i in range(len(scored))]
+        ax.bar(xs, [100 * (r[metric] or 0.0) for r in scored], width, label=metric)
+    ax.set_xticks(range(len(scored)), [r["method"] for r in scored], rotation=20, ha="right")
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    first = scored[0]
+    ax.set_title(f"{first['model']} · {first['dataset']} · {first['protocol']} · {first['n_edits']} edits"
+                 f"{' × ' + str(first['num_seq']) if first['protocol'] == 'sequential' else ''}")
+    fig.tight_layout()
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -295,8 +295,9 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
     Give ``model`` and ``tokenizer``, or only ``name`` (loaded with
     :func:`smedit_plugin.models.load_model_and_tokenizer`), or neither (``hparams.model_name`` is
     used). The editor gets a copy of ``hparams`` whose ``model_name`` is the ``(model, tokenizer)``
-    tuple; afterwards ``editor.model_name`` is set to a descriptive string because EasyEdit's
-    evaluation calls ``.lower()`` on it. A tokenizer without a pad token gets its eos token as pad.
+    tuple; afterwards ``editor.model_name`` and ``editor.hparams.model_name`` are set to a
+    descriptive string because EasyEdit's evaluation and methods (FT, ...) call ``.lower()`` on them.
+    A tokenizer without a pad token gets its eos token as pad.
     The plugin methods must already be registered (:func:`smedit_plugin.registry.register`).
     """
     if (model is None) != (tokenizer is None):
@@ -325,4 +326,5 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
     editor_class = importlib.import_module("easyeditor.editors.editor").BaseEditor
     editor = editor_class.from_hparams(_editor_hparams(hparams, model, tokenizer, **changes))
     editor.model_name = describe_model(model, name)
+    editor.hparams.model_name = editor.model_name
     return editor

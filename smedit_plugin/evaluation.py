@@ -29,6 +29,9 @@ from .hypernet.losses import answer_labels, answer_logits
 from .text import iter_micro_batches, label_lengths
 
 LOCALITY_MODES = ("gold", "agreement")
+#: ``accuracy``: teacher-forced token accuracy (ZsRE; EasyEdit and COMEBA-HK on every dataset);
+#: ``probability``: new-vs-old log-probability comparisons (CounterFact in ROME / the SMEdit appendix).
+SCORING = ("auto", "accuracy", "probability")
 METRICS = ("efficacy", "generalization", "specificity")
 
 
@@ -165,6 +168,7 @@ def evaluate_records(
     reference: Optional[Sequence[Sequence[Sequence[int]]]] = None,
     batch_size: int = 16,
     progress: bool = True,
+    scoring: str = "auto",
 ) -> dict[str, Any]:
     """Efficacy, generalization and specificity of ``model`` on ``records`` (fractions in [0, 1]).
 
@@ -172,18 +176,25 @@ def evaluate_records(
     "per_example": {metric: [float or None per record]}}``; a metric is None when no record has
     the prompts it needs (None entries mark records without rephrases or locality prompts).
     ``locality="agreement"`` needs ``reference`` from :func:`predict_locality_reference`.
+    ``scoring="auto"`` picks probability comparisons for CounterFact and token accuracy for ZsRE;
+    ``"accuracy"`` scores CounterFact the way EasyEdit and the COMEBA-HK paper do.
     """
-    _check_inputs(records, dataset, locality, reference, batch_size)
+    if scoring not in SCORING:
+        raise ValueError(f"scoring must be one of {list(SCORING)}, got {scoring!r}")
+    probability = scoring == "probability" or (scoring == "auto" and dataset == "counterfact")
+    _check_inputs(records, "counterfact" if probability else "zsre", locality, reference, batch_size)
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
     queries = _Queries()
     plan = []
     for record in records:
-        if dataset == "zsre":
+        if not probability:
             edit = [(queries.add(record.prompt, record.target_new),)]
             rephrase = [(queries.add(p, record.target_new),) for p in record.rephrase_prompts]
         else:
             edit = [_pair(queries, record.prompt, record.target_new, record.ground_truth)]
             rephrase = [_pair(queries, p, record.target_new, record.ground_truth) for p in record.rephrase_prompts]
-        if dataset == "counterfact" and locality == "gold":
+        if probability and locality == "gold":
             local = [_pair(queries, p, a, record.target_new) for p, a in zip(record.locality_prompts, record.locality_answers)]
         else:
             local = [(queries.add(p, a),) for p, a in zip(record.locality_prompts, record.locality_answers)]
@@ -205,7 +216,9 @@ def evaluate_records(
         else:
             values = [success(q) for q in local]
         per_example["specificity"].append(_mean(values))
-    return _summary(dataset, locality, per_example)
+    summary = _summary(dataset, locality, per_example)
+    summary["scoring"] = "probability" if probability else "accuracy"
+    return summary
 
 
 def _pair(queries: _Queries, prompt: str, winner: str, loser: str) -> tuple[int, int]:

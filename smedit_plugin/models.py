@@ -466,6 +466,7 @@ def tiny_model(arch: str, *, seed: int = 0, n_layers: Optional[int] = None) -> t
     tokenizer = load_tokenizer("smollm2-135m")
     config = _tiny_config(arch, depth, tokenizer)
     config._attn_implementation = "eager"
+    config._name_or_path = f"tiny-{arch}"  # tools that key caches by model name (EasyEdit's layer_stats) need one
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _transformers_class(TINY_ARCHS[arch].model_class)(config)

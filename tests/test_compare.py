@@ -69,7 +69,8 @@ def test_locate_then_edit_protocols(shared_cache, tiny, zsre_eval_path, monkeypa
     cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
                         methods=["COMEBA-HK", "MEMIT-C"], protocol=protocol, n_edits=4, batch_size=2, progress=False)
     rows = run_compare(cfg, model=model, tok=tok)
-    assert [r["method"] for r in rows] == ["COMEBA-HK", "MEMIT-C"]
+    assert [r["method"] for r in rows] == ["unedited", "COMEBA-HK", "MEMIT-C"]
+    assert rows[0]["specificity"] == 1.0, "the unedited model agrees with itself"
     for row in rows:
         assert set(ROW_FIELDS) <= set(row) and row["num_seq"] == 2 and row["batch_size"] == 2
         values = [row[k] for k in ("efficacy", "generalization", "specificity")]

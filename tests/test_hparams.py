@@ -16,7 +16,8 @@ from smedit_plugin.rledit2.hparams import RLEdit2HyperParams
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 
 ROOT = Path(__file__).resolve().parents[1]
-YAMLS = sorted((ROOT / "hparams").rglob("*.yaml"))
+# hparams/EASYEDIT holds YAMLs in EasyEdit's own format for its built-in methods (tests/test_easyedit_runs.py)
+YAMLS = sorted(p for p in (ROOT / "hparams").rglob("*.yaml") if "EASYEDIT" not in p.parts)
 
 BASE = {"alg_name": "MALMEN2", "model_name": "smollm2-135m", "edit_modules": ["model.layers.3.mlp.up_proj"]}
 
