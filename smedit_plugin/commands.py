@@ -181,13 +181,19 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
                              "(default: the plugin's hparams/EASYEDIT)")
     parser.add_argument("--via-easyedit", action="store_true",
                         help="also run the plugin's methods end to end through EasyEdit's BaseEditor")
+    parser.add_argument("--general-every", type=int, default=0,
+                        help="general capability (GLUE-style accuracy, perplexity) before editing and after every K "
+                             "edit batches and the last one (0 = off)")
+    parser.add_argument("--general-items", type=int, default=100, help="items per GLUE-style task (default: %(default)s)")
+    parser.add_argument("--general-tokens", type=int, default=4096,
+                        help="WikiText-2 tokens for perplexity (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("compare_results.json"))
     parser.add_argument("--no-progress", action="store_true")
     return run_compare_command
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, format_table, plot_results, run_compare
+    from .compare import CompareConfig, format_general, format_table, plot_results, run_compare
     from .fileio import write_json_atomic
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
@@ -195,9 +201,13 @@ def run_compare_command(args: argparse.Namespace) -> int:
                         n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size,
                         archive_root=args.archives, retrain=args.retrain,
                         curve_every=args.curve_every, progress=not args.no_progress,
-                        easyedit_hparams=args.easyedit_hparams, via_easyedit=args.via_easyedit)
+                        easyedit_hparams=args.easyedit_hparams, via_easyedit=args.via_easyedit,
+                        general_every=args.general_every, general_items=args.general_items,
+                        general_tokens=args.general_tokens)
     rows = run_compare(cfg)
     print(format_table(rows))
+    if cfg.general_every:
+        print("\ngeneral capability\n" + format_general(rows))
     write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
     if args.plot is not None:

@@ -99,6 +99,9 @@ class CompareConfig:
     progress: bool = True
     easyedit_hparams: Optional[Path] = None
     via_easyedit: bool = False
+    general_every: int = 0
+    general_items: int = 100
+    general_tokens: int = 4096
 
     @property
     def locate(self) -> bool:
@@ -120,7 +123,7 @@ def _score(cfg: CompareConfig, model, tok, records: Sequence[EditRecord], refere
 
 
 def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[EditRecord],
-                  evaluation: Sequence[EditRecord]) -> dict[str, Any]:
+                  evaluation: Sequence[EditRecord], probe: Optional[Probe] = None) -> dict[str, Any]:
     from .hypernet.archive import load_archive, read_meta
     from .hypernet.workflow import edit_and_evaluate, train_hypernet
 
@@ -144,7 +147,7 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
         train_s_per_edit = read_meta(archive).get("train_s_per_edit")
     editor, _ = load_archive(archive, model, train_hp)
     metrics = edit_and_evaluate(model, tok, editor, list(evaluation), n_edits=cfg.n_edits, dataset=cfg.dataset,
-                                curve_every=cfg.curve_every, progress=cfg.progress)
+                                curve_every=cfg.curve_every, progress=cfg.progress, after_batch=probe)
     row = {"train_s_per_edit": train_s_per_edit, "edit_s_per_edit": metrics["edit_seconds"] / len(evaluation),
            "archive": str(archive), **{k: metrics[k] for k in ("efficacy", "generalization", "specificity")}}
     if "curve" in metrics:
@@ -152,8 +155,30 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
     return row
 
 
+Probe = Callable[[int], None]
+
+
+def _general_probe(cfg: CompareConfig, model, tok, points: list[dict[str, Any]]) -> Optional[Probe]:
+    """``probe(batch_no)``: the general-capability report after every ``general_every``-th and the last batch."""
+    if not cfg.general_every:
+        return None
+
+    def probe(batch_no: int) -> None:
+        if batch_no % cfg.general_every == 0 or batch_no == cfg.num_seq:
+            points.append({"num_seq": batch_no, **_general(cfg, model, tok)})
+    return probe
+
+
+def _general(cfg: CompareConfig, model, tok) -> dict[str, Any]:
+    from .general import general_report
+
+    report = general_report(model, tok, n_items=cfg.general_items, ppl_tokens=cfg.general_tokens,
+                            progress=cfg.progress)
+    return {"glue": report["glue"], "perplexity": report["perplexity"], "seconds": report["seconds"]}
+
+
 def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord],
-                reference: list) -> dict[str, Any]:
+                reference: list, probe: Optional[Probe] = None) -> dict[str, Any]:
     """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
 
     Metrics follow the COMEBA-HK paper: reliability / generality as teacher-forced token accuracy and
@@ -178,10 +203,12 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
 
     edit_seconds, scores = 0.0, []
     try:
-        for batch, ref in zip(batches, refs):
+        for batch_no, (batch, ref) in enumerate(zip(batches, refs), start=1):
             start = time.perf_counter()
             apply(model, tok, to_requests(batch), hp, return_orig_weights=False, keep_original_weight=False)
             edit_seconds += time.perf_counter() - start
+            if probe is not None:
+                probe(batch_no)
             if cfg.protocol == "single-round":
                 scores.append((len(batch), _score(cfg, model, tok, batch, ref)))
                 roll_back()
@@ -196,7 +223,7 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
 
 
 def _through_easyedit(cfg: CompareConfig, hparams: Any, model, tok, evaluation: Sequence[EditRecord],
-                      reference: Optional[list]) -> dict[str, Any]:
+                      reference: Optional[list], probe: Optional[Probe] = None) -> dict[str, Any]:
     """Edit ``evaluation`` under the protocol with EasyEdit's ``BaseEditor``, score it our way, then roll back.
 
     Returns our metrics plus ``easyedit`` (EasyEdit's own per-record metric dicts, averaged). The
@@ -214,17 +241,27 @@ def _through_easyedit(cfg: CompareConfig, hparams: Any, model, tok, evaluation: 
         remove_hook_layers(model)
         snapshot.restore()
 
-    groups = ([list(evaluation[i:i + cfg.chunk_size]) for i in range(0, len(evaluation), cfg.chunk_size)]
-              if cfg.protocol == "single-round" else [list(evaluation)])
+    chunks = [list(evaluation[i:i + cfg.chunk_size]) for i in range(0, len(evaluation), cfg.chunk_size)]
     scores, easyedit_metrics, seconds, mode = [], [], 0.0, ""
     try:
-        for group in groups:
-            ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(group)]
-            run = run_through_editor(hparams, model, tok, group, cfg.chunk_size)
-            seconds, mode = seconds + run.edit_seconds, run.mode
-            easyedit_metrics.extend(run.metrics)
-            scores.append((len(group), _score(cfg, model, tok, group, ref, cfg.progress and len(groups) == 1)))
-            roll_back()
+        if cfg.protocol == "single-round":
+            for chunk in chunks:
+                ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(chunk)]
+                run = run_through_editor(hparams, model, tok, chunk, cfg.chunk_size)
+                seconds, mode = seconds + run.edit_seconds, run.mode
+                easyedit_metrics.extend(run.metrics)
+                scores.append((len(chunk), _score(cfg, model, tok, chunk, ref)))
+                roll_back()
+        else:
+            step = cfg.general_every if probe is not None else len(chunks)
+            for first in range(0, len(chunks), step):
+                group = [record for chunk in chunks[first:first + step] for record in chunk]
+                run = run_through_editor(hparams, model, tok, group, cfg.chunk_size)
+                seconds, mode = seconds + run.edit_seconds, run.mode
+                easyedit_metrics.extend(run.metrics)
+                if probe is not None:
+                    probe(min(first + step, len(chunks)))
+            scores.append((len(evaluation), _score(cfg, model, tok, evaluation, reference, cfg.progress)))
     finally:
         roll_back()
     ours = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
@@ -238,14 +275,14 @@ def _weighted(pairs: Sequence[tuple[int, Optional[float]]]) -> Optional[float]:
 
 
 def _builtin_row(cfg: CompareConfig, name: str, model, tok, evaluation: Sequence[EditRecord],
-                 reference: Optional[list]) -> dict[str, Any]:
+                 reference: Optional[list], probe: Optional[Probe] = None) -> dict[str, Any]:
     """An EasyEdit built-in method with EasyEdit's own YAML; a row that says why if it cannot run here."""
     try:
         hp = load_builtin_hparams(name, cfg.model, cfg.easyedit_hparams or builtin_hparams_dir())
         if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
             hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
             seed_covariance_from_text(hp, model, tok, local_text())
-        row = _through_easyedit(cfg, hp, model, tok, evaluation, reference)
+        row = _through_easyedit(cfg, hp, model, tok, evaluation, reference, probe)
     except (EasyEditUnavailable, FileNotFoundError) as exc:
         return {**dict.fromkeys(METRIC_NAMES), "train_s_per_edit": None, "edit_s_per_edit": None, "error": str(exc)}
     except Exception as exc:
@@ -301,6 +338,11 @@ def _check_config(cfg: CompareConfig) -> None:
         if METHODS[method].needs_archive == cfg.locate:
             wanted = "batch or sequential" if METHODS[method].needs_archive else "consecutive or single-round"
             raise ValueError(f"{method} runs under the {wanted} protocol, not {cfg.protocol!r}")
+    for field in ("general_every", "general_items", "general_tokens"):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "general_every" else 1):
+            raise ValueError(f"--{field.replace('_', '-')} must be a {'non-negative' if field == 'general_every' else 'positive'} "
+                             f"int, got {value!r}")
     if cfg.easyedit_hparams is not None and not Path(cfg.easyedit_hparams).is_dir():
         raise ValueError(f"--easyedit-hparams {cfg.easyedit_hparams} is not a folder; give EasyEdit's hparams/ "
                          "(or one laid out as METHOD/MODEL.yaml)")
@@ -336,16 +378,22 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
              "scoring": unedited["scoring"]}]
     if cfg.locate:
         rows[0]["average"] = sum(unedited[k] for k in METRIC_NAMES) / 3
+    if cfg.general_every:
+        rows[0]["general"] = [{"num_seq": 0, **_general(cfg, model, tok)}]
     for entry in cfg.methods:
         builtin, method = split_method(entry)
+        points: list[dict[str, Any]] = []
+        probe = _general_probe(cfg, model, tok, points)
         if builtin:
-            result = _builtin_row(cfg, method, model, tok, evaluation, reference)
+            result = _builtin_row(cfg, method, model, tok, evaluation, reference, probe)
         elif cfg.locate:
-            result = _locate_row(cfg, method, model, tok, evaluation, reference)
+            result = _locate_row(cfg, method, model, tok, evaluation, reference, probe)
         else:
-            result = _hypernet_row(cfg, method, model, tok, train, evaluation)
+            result = _hypernet_row(cfg, method, model, tok, train, evaluation, probe)
         if cfg.via_easyedit and not builtin:
             result.update(_via_easyedit(cfg, method, result, model, tok, evaluation, reference))
+        if points:
+            result["general"] = points
         rows.append({"method": entry, **base, **result, "peak_rss_mb": peak_rss_mb(), "scoring": unedited["scoring"]})
         torch.manual_seed(0)
     return rows
@@ -371,6 +419,20 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     notes = [f"{r['method']}: {r[key]}" for r in rows for key in ("error", "easyedit_error") if r.get(key)]
     notes += [f"{r['method']}: EasyEdit ran it with {r['easyedit_mode']}" for r in rows if r.get("easyedit_mode")]
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines] + notes)
+
+
+def format_general(rows: Sequence[dict[str, Any]]) -> str:
+    """General capability (GLUE-style accuracy %, perplexity) of the unedited model and after each probed batch."""
+    points = [(r["method"], p) for r in rows for p in r.get("general", [])]
+    if not points:
+        return ""
+    tasks = list(points[0][1]["glue"])
+    head = ["method", "after batches"] + [t.upper() + " %" for t in tasks] + ["perplexity"]
+    lines = [[m, str(p["num_seq"])] + [f"{100 * p['glue'][t]:.1f}" for t in tasks]
+             + ["-" if p["perplexity"] is None else f"{p['perplexity']:.2f}"] for m, p in points]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -1,13 +1,14 @@
 """`smedit compare` mechanics on a tiny real-depth SmolLM2-shaped model: rows, curves, archive reuse, plot."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from smedit_plugin.compare import ROW_FIELDS, CompareConfig, format_table, plot_curves, run_compare
+from smedit_plugin.compare import ROW_FIELDS, CompareConfig, format_general, format_table, plot_curves, run_compare
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,34 @@ def test_locate_then_edit_protocols(shared_cache, tiny, zsre_eval_path, monkeypa
     with pytest.raises(ValueError, match="runs under the batch or sequential protocol"):
         run_compare(CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None,
                                   eval_data=Path(zsre_eval_path), methods=["SMEdit"], protocol=protocol))
+
+
+def test_general_capability_before_and_after_consecutive_edits(shared_cache, tiny, zsre_eval_path, monkeypatch) -> None:
+    monkeypatch.setenv("SMEDIT_CACHE", str(shared_cache))
+    model, tok = tiny("smollm2")
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
+                        methods=["MEMIT-C"], protocol="consecutive", n_edits=4, batch_size=2, progress=False,
+                        general_every=1, general_items=4, general_tokens=64)
+    rows = run_compare(cfg, model=model, tok=tok)
+    before, after = rows[0]["general"], rows[1]["general"]
+    assert [p["num_seq"] for p in before] == [0] and [p["num_seq"] for p in after] == [1, 2]
+    for point in before + after:
+        assert set(point["glue"]) == {"sst2", "mrpc", "cola", "rte", "nli", "mmlu"}
+        assert all(0.0 <= v <= 1.0 for v in point["glue"].values()) and point["perplexity"] > 1.0
+    assert after[-1]["perplexity"] != before[0]["perplexity"], "the report must see the edited model"
+    table = format_general(rows)
+    assert table.count("\n") == 4 and "MEMIT-C" in table and "SST2 %" in table
+    with pytest.raises(ValueError, match="--general-items must be a positive int"):
+        run_compare(dataclasses.replace(cfg, general_items=0), model=model, tok=tok)
+
+
+def test_plot_results_draws_bars_without_curves(tmp_path) -> None:
+    from smedit_plugin.compare import plot_results
+
+    rows = [{"method": m, "model": "smollm2-135m", "dataset": "zsre", "protocol": "batch", "n_edits": 64, "num_seq": 1,
+             "efficacy": e, "generalization": 0.3, "specificity": 0.25} for m, e in (("unedited", 0.18), ("SMEdit", 0.4))]
+    rows.append({**rows[0], "method": "easyedit:ROME", "efficacy": None, "error": "no YAML"})
+    path = plot_results(rows, tmp_path / "bars.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="no scored rows"):
+        plot_results(rows[2:], tmp_path / "none.png")

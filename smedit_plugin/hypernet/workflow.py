@@ -5,7 +5,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,11 +33,12 @@ class TrainResult:
 
 def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *,
                       n_edits: int, dataset: str = "zsre", locality: str = "gold", curve_every: int = 0,
-                      progress: bool = False) -> dict[str, Any]:
+                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """Edit ``records`` in batches of ``n_edits`` that accumulate, score all of them on the final model, restore.
 
     ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
     ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
+    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model.
     """
     weights = {n: editor.edit_module(n).weight for n in editor.module_names}
     snapshot = {n: w.detach().clone() for n, w in weights.items()}
@@ -54,6 +55,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
             start = time.perf_counter()
             apply_steps(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk])
             edit_seconds += time.perf_counter() - start
+            if after_batch is not None:
+                after_batch(batch_no)
             if curve_every and batch_no % curve_every == 0 and i + n_edits < len(records):
                 seen = list(records[:i + n_edits])
                 m = evaluate_records(model, tok, seen, dataset=dataset, locality=locality, progress=False,
