@@ -178,8 +178,11 @@ def _general(cfg: CompareConfig, model, tok) -> dict[str, Any]:
 
 
 def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord],
-                reference: list, probe: Optional[Probe] = None) -> dict[str, Any]:
+                reference: Optional[list], probe: Optional[Probe] = None) -> dict[str, Any]:
     """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
+
+    Under the batch and sequential protocols the same code edits ``num_seq`` batches of ``n_edits``
+    (one step per batch), scored like the hypernetwork methods beside it.
 
     Metrics follow the COMEBA-HK paper: reliability / generality as teacher-forced token accuracy and
     locality as agreement with the unedited model's predictions (``efficacy`` / ``generalization`` /
@@ -188,12 +191,13 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
     from .comeba_hk.state import remove_hook_layers
     from .data import to_requests
 
-    hp = method_hparams(method, cfg.model, training=False).replace(batch_size=cfg.batch_size)
+    hp = method_hparams(method, cfg.model, training=False).replace(batch_size=cfg.chunk_size)
     apply = METHODS[method].apply_function()
     rewritten = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in rewritten}
-    batches = [list(evaluation[i:i + cfg.batch_size]) for i in range(0, len(evaluation), cfg.batch_size)]
-    refs = [reference[i:i + cfg.batch_size] for i in range(0, len(evaluation), cfg.batch_size)]
+    starts = range(0, len(evaluation), cfg.chunk_size)
+    batches = [list(evaluation[i:i + cfg.chunk_size]) for i in starts]
+    refs = [None if reference is None else reference[i:i + cfg.chunk_size] for i in starts]
 
     def roll_back() -> None:
         remove_hook_layers(model)
@@ -212,14 +216,14 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
             if cfg.protocol == "single-round":
                 scores.append((len(batch), _score(cfg, model, tok, batch, ref)))
                 roll_back()
-        if cfg.protocol == "consecutive":
+        if cfg.protocol != "single-round":
             scores.append((len(evaluation), _score(cfg, model, tok, evaluation, reference, cfg.progress)))
     finally:
         roll_back()
     total = sum(n for n, _ in scores)
     metrics = {k: sum(n * m[k] for n, m in scores) / total for k in METRIC_NAMES}
     return {"train_s_per_edit": None, "edit_s_per_edit": edit_seconds / len(evaluation), **metrics,
-            "average": sum(metrics.values()) / 3, "batch_size": cfg.batch_size}
+            "average": sum(metrics.values()) / 3, "batch_size": cfg.chunk_size}
 
 
 def _through_easyedit(cfg: CompareConfig, hparams: Any, model, tok, evaluation: Sequence[EditRecord],
@@ -300,8 +304,8 @@ def _via_easyedit(cfg: CompareConfig, method: str, row: dict[str, Any], model, t
                   evaluation: Sequence[EditRecord], reference: Optional[list]) -> dict[str, Any]:
     """The plugin method again, end to end through ``BaseEditor``: EasyEdit's metrics and ours on that run."""
     hp = method_hparams(method, cfg.model, training=False)
-    if cfg.locate:
-        hp = hp.replace(batch_size=cfg.batch_size)
+    if not METHODS[method].needs_archive:
+        hp = hp.replace(batch_size=cfg.chunk_size)
     else:
         seq_file = hparams_dir() / method / f"{cfg.model}-seq.yaml"
         if cfg.protocol == "sequential" and seq_file.is_file():
@@ -335,9 +339,8 @@ def _check_config(cfg: CompareConfig) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)} "
                              "or easyedit:<EasyEdit method>")
-        if METHODS[method].needs_archive == cfg.locate:
-            wanted = "batch or sequential" if METHODS[method].needs_archive else "consecutive or single-round"
-            raise ValueError(f"{method} runs under the {wanted} protocol, not {cfg.protocol!r}")
+        if METHODS[method].needs_archive and cfg.locate:
+            raise ValueError(f"{method} runs under the batch or sequential protocol, not {cfg.protocol!r}")
     for field in ("general_every", "general_items", "general_tokens"):
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "general_every" else 1):
@@ -386,7 +389,7 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
         probe = _general_probe(cfg, model, tok, points)
         if builtin:
             result = _builtin_row(cfg, method, model, tok, evaluation, reference, probe)
-        elif cfg.locate:
+        elif not METHODS[method].needs_archive:
             result = _locate_row(cfg, method, model, tok, evaluation, reference, probe)
         else:
             result = _hypernet_row(cfg, method, model, tok, train, evaluation, probe)

@@ -114,3 +114,17 @@ def test_plot_results_draws_bars_without_curves(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="no scored rows"):
         plot_results(rows[2:], tmp_path / "none.png")
+
+
+def test_locate_methods_under_the_batch_protocol(shared_cache, tiny, zsre_eval_path, monkeypatch) -> None:
+    """COMEBA-HK beside the hypernetwork methods: one step of all n_edits, scored with the batch protocol's metrics."""
+    monkeypatch.setenv("SMEDIT_CACHE", str(shared_cache))
+    model, tok = tiny("smollm2")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
+                        methods=["COMEBA-HK"], protocol="batch", n_edits=3, progress=False)
+    rows = run_compare(cfg, model=model, tok=tok)
+    assert rows[1]["batch_size"] == 3 and rows[1]["num_seq"] == 1 and rows[1]["scoring"] == "accuracy"
+    assert rows[0]["specificity"] < 1.0, "batch protocol: locality is the gold answer's accuracy, not agreement"
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
