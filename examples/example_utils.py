@@ -103,8 +103,9 @@ def edit(editor: Optional[Any], hparams: Any, model: torch.nn.Module, tok: Any,
     """Edit ``records`` in chunks of ``hparams.batch_size`` that stay in the model; EasyEdit's metric dicts.
 
     ``sequential_edit=True`` keeps each chunk's edit (without it, current EasyEdit restores the
-    weights right after scoring). The direct path passes ``keep_original_weight=False`` as the 2023
-    wheel's ``batch_edit`` does, so edits accumulate there too; it returns no metric dicts.
+    weights right after scoring; the 2023 wheel, on a GPU, ignores it and keeps edits because its
+    ``keep_original_weight`` defaults to False). The direct path passes ``keep_original_weight=False``
+    as that wheel's ``batch_edit`` does, so edits accumulate there too; it returns no metric dicts.
     """
     if editor is not None:
         metrics, _, _ = editor.batch_edit(**to_edit_kwargs(list(records)), sequential_edit=True, verbose=False)

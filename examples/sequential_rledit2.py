@@ -7,9 +7,9 @@
    the registered apply function directly, the call ``batch_edit`` makes). Nothing is restored
    between batches, so batch k edits the model that already carries batches 1..k-1.
 
-Prints the plugin's teacher-forced ES / GS / LS of the first batch's facts right after their edit
-and again after all K batches (do the first edits survive the later ones?), and of all K*n facts
-before editing and at the end. Writes the numbers as JSON (``--out``).
+Prints the plugin's teacher-forced ES / GS / LS of the first batch's facts before editing, right
+after their edit and again after all K batches (do the first edits survive the later ones?), and of
+all K*n facts before editing and at the end. Writes the numbers as JSON (``--out``).
 
     python examples/sequential_rledit2.py --n-edits 8 --num-seq 3 --max-steps 4
     python examples/sequential_rledit2.py --model tiny-smollm2 --train-records 4 --n-edits 2 --num-seq 2 \
@@ -70,6 +70,7 @@ def main() -> None:
 
     hp = method_hparams(METHOD, key, training=False).replace(archive=str(archive), batch_size=n, **shrink)
     unedited = evaluate_records(model, tok, records, dataset="zsre", progress=False)
+    first_unedited = evaluate_records(model, tok, batches[0], dataset="zsre", progress=False)
     editor, era = easyedit_editor(hp, model, tok)
     easyedit_metrics, seconds = [], []
     for number, batch in enumerate(batches, start=1):
@@ -90,6 +91,7 @@ def main() -> None:
           f"({'BaseEditor.batch_edit' if editor is not None else 'apply function called directly'}); "
           f"scored {final['n_records']} facts at the end")
     print(table([(f"all {n * k} facts, unedited", unedited),
+                 (f"batch 1 ({n} facts), unedited", first_unedited),
                  (f"batch 1 ({n} facts), right after its edit", first_fresh),
                  (f"batch 1 ({n} facts), after all {k} batches", first_final),
                  (f"all {n * k} facts, after all {k} batches", final)]))
@@ -97,7 +99,8 @@ def main() -> None:
         "method": METHOD, "model": args.model, "n_edits": n, "num_seq": k, "n_facts": n * k,
         "easyedit_era": era, "path": "BaseEditor" if editor is not None else "apply_function",
         "edit_seconds_per_batch": seconds,
-        **training, "unedited": scores(unedited), "first_batch_after_its_edit": scores(first_fresh),
+        **training, "unedited": scores(unedited), "first_batch_unedited": scores(first_unedited),
+        "first_batch_after_its_edit": scores(first_fresh),
         "first_batch_final": scores(first_final), "all_final": scores(final), "easyedit": summary,
     })
     print(f"wrote {args.out}")

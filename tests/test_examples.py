@@ -114,6 +114,7 @@ def test_sequential_rledit2_scores_every_accumulated_fact(runs: dict[str, Run]) 
     assert len(result["edit_seconds_per_batch"]) == k
     _in_unit_interval(result["all_final"], n * k)
     _in_unit_interval(result["unedited"], n * k)
+    _in_unit_interval(result["first_batch_unedited"], n)
     _in_unit_interval(result["first_batch_after_its_edit"], n)
     _in_unit_interval(result["first_batch_final"], n)
     assert f"scored {n * k} facts at the end" in stdout
