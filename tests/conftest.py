@@ -60,3 +60,16 @@ def tiny() -> Callable[..., tuple[Any, Any]]:
         return tiny_model(arch, seed=seed, n_layers=n_layers)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def easyeditor() -> Any:
+    """The installed EasyEdit (2023 wheel or GitHub source) imported the plugin's way, or skip the test."""
+    import importlib.util
+
+    if importlib.util.find_spec("easyeditor") is None:
+        pytest.skip("no EasyEdit installed (pip install --no-deps easyeditor==0.0.1.dev0, see tests/easyedit_env.md)")
+    from smedit_plugin import easyedit
+
+    easyedit.install_transformers_shim()
+    return easyedit.import_easyeditor(tolerate_missing_vision=True)

@@ -7,7 +7,6 @@ Era C (GitHub HEAD on ``PYTHONPATH``, see tests/easyedit_env.md): ``BaseEditor.b
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,8 @@ from smedit_plugin.registry import register
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_easyeditor():
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("no EasyEdit installed (pip install --no-deps easyeditor==0.0.1.dev0, see tests/easyedit_env.md)")
-    easyedit.install_transformers_shim()
-    return easyedit.import_easyeditor(tolerate_missing_vision=True)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny, zsre_eval_path):
-    _import_easyeditor()
+def setup(easyeditor, tmp_path_factory, tiny, zsre_eval_path):
     register()
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
     stats = str(tmp_path_factory.mktemp("comeba_stats"))

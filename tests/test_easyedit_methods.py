@@ -23,19 +23,9 @@ from smedit_plugin.registry import register
 SMALL = dict(rank=8, n_blocks=2, micro_batch_size=2, batch_size=4)
 
 
-def _import_easyeditor():
-    import importlib.util
-
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("no EasyEdit installed (pip install --no-deps easyeditor==0.0.1.dev0, see tests/easyedit_env.md)")
-    easyedit.install_transformers_shim()
-    return easyedit.import_easyeditor(tolerate_missing_vision=True)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny, zsre_train_path, zsre_eval_path):
+def setup(easyeditor, tmp_path_factory, tiny, zsre_train_path, zsre_eval_path):
     """A tiny SmolLM2-shaped model, an SMEdit archive trained on it, and 8 evaluation records."""
-    _import_easyeditor()
     register()
     model, tok = tiny("smollm2")
     train = load_records(Path(zsre_train_path), "zsre")[:8]
