@@ -220,8 +220,7 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
             scores.append((len(evaluation), _score(cfg, model, tok, evaluation, reference, cfg.progress)))
     finally:
         roll_back()
-    total = sum(n for n, _ in scores)
-    metrics = {k: sum(n * m[k] for n, m in scores) / total for k in METRIC_NAMES}
+    metrics = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
     return {"train_s_per_edit": None, "edit_s_per_edit": edit_seconds / len(evaluation), **metrics,
             "average": sum(metrics.values()) / 3, "batch_size": cfg.chunk_size}
 
