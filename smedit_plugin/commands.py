@@ -162,7 +162,8 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
     parser.add_argument("--train-data", type=Path, default=None)
     parser.add_argument("--eval-data", type=Path, required=True)
-    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT)")
+    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT); "
+                             "METHOD[field=value,...] runs a variant with hparams overrides (e.g. SMEdit[reg_coef=0])")
     parser.add_argument("--protocol", choices=("batch", "sequential", "consecutive", "single-round"), default="batch",
                         help="batch/sequential: hypernetwork methods; consecutive/single-round: COMEBA-HK, MEMIT-C")
     parser.add_argument("--n-edits", type=int, default=64,
@@ -193,11 +194,11 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
-    from .compare import CompareConfig, format_general, format_table, plot_results, run_compare
+    from .compare import CompareConfig, format_general, format_table, parse_methods, plot_results, run_compare
     from .fileio import write_json_atomic
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
-                        methods=[m.strip() for m in args.methods.split(",") if m.strip()], protocol=args.protocol,
+                        methods=parse_methods(args.methods), protocol=args.protocol,
                         n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size,
                         archive_root=args.archives, retrain=args.retrain,
                         curve_every=args.curve_every, progress=not args.no_progress,

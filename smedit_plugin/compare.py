@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -113,6 +114,41 @@ class CompareConfig:
         return self.batch_size if self.locate else self.n_edits
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods`` split on the commas that are not inside an entry's ``[...]`` overrides."""
+    entries, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            entries.append(current.strip())
+            current = ""
+        else:
+            current += char
+    entries.append(current.strip())
+    return [e for e in entries if e]
+
+
+def method_overrides(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"SMEdit[reg_coef=0,bp_steps=3]"`` -> ``("SMEdit", {"reg_coef": 0, "bp_steps": 3})`` (values parsed as JSON).
+
+    Lets one run hold a method beside a variant of itself (e.g. the paper's l2 coefficient and none).
+    """
+    match = re.fullmatch(r"\s*([^\[\]]+?)\s*(?:\[(.*)\])?\s*", entry)
+    if match is None:
+        raise ValueError(f"--methods entry {entry!r} is not METHOD or METHOD[field=value,...]")
+    name, inner = match.group(1), match.group(2)
+    overrides: dict[str, Any] = {}
+    for item in [] if inner is None else [i for i in inner.split(",") if i.strip()]:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise ValueError(f"--methods entry {entry!r}: override {item!r} is not field=value")
+        try:
+            overrides[field.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = value.strip()
+    return name, overrides
+
+
 def _score(cfg: CompareConfig, model, tok, records: Sequence[EditRecord], reference: Optional[list],
            progress: bool = False) -> dict[str, Any]:
     """The protocol's metrics: the SMEdit paper's for batch/sequential, the COMEBA-HK paper's otherwise."""
@@ -123,7 +159,8 @@ def _score(cfg: CompareConfig, model, tok, records: Sequence[EditRecord], refere
 
 
 def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[EditRecord],
-                  evaluation: Sequence[EditRecord], probe: Optional[Probe] = None) -> dict[str, Any]:
+                  evaluation: Sequence[EditRecord], probe: Optional[Probe] = None,
+                  overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from .hypernet.archive import load_archive, read_meta
     from .hypernet.workflow import edit_and_evaluate, train_hypernet
 
@@ -132,7 +169,8 @@ def _hypernet_row(cfg: CompareConfig, method: str, model, tok, train: Sequence[E
     seq_file = hparams_dir() / "TRAINING" / method / f"{cfg.model}-seq.yaml"
     if sequential and seq_file.is_file():
         train_hp = load_hparams(seq_file)
-    train_hp = train_hp.replace(n_edits=cfg.n_edits, num_seq=cfg.num_seq, val_n_edits=cfg.n_edits, max_steps=-1)
+    train_hp = train_hp.replace(**(overrides or {}), n_edits=cfg.n_edits, num_seq=cfg.num_seq, val_n_edits=cfg.n_edits,
+                                max_steps=-1)
     key = _fingerprint(method, cfg.model, cfg.dataset, train_hp.to_dict(), cfg.train_data)
     root = cfg.archive_root or (cache_dir() / "archives")
     archive = root / f"{method}-{cfg.model}-{cfg.dataset}-{cfg.protocol}-{key}"
@@ -178,7 +216,8 @@ def _general(cfg: CompareConfig, model, tok) -> dict[str, Any]:
 
 
 def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequence[EditRecord],
-                reference: Optional[list], probe: Optional[Probe] = None) -> dict[str, Any]:
+                reference: Optional[list], probe: Optional[Probe] = None,
+                overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
 
     Under the batch and sequential protocols the same code edits ``num_seq`` batches of ``n_edits``
@@ -191,7 +230,7 @@ def _locate_row(cfg: CompareConfig, method: str, model, tok, evaluation: Sequenc
     from .comeba_hk.state import remove_hook_layers
     from .data import to_requests
 
-    hp = method_hparams(method, cfg.model, training=False).replace(batch_size=cfg.chunk_size)
+    hp = method_hparams(method, cfg.model, training=False).replace(**(overrides or {}), batch_size=cfg.chunk_size)
     apply = METHODS[method].apply_function()
     rewritten = [hp.rewrite_module_tmp.format(layer) for layer in hp.layers]
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in rewritten}
@@ -300,16 +339,17 @@ def _builtin_row(cfg: CompareConfig, name: str, model, tok, evaluation: Sequence
 
 
 def _via_easyedit(cfg: CompareConfig, method: str, row: dict[str, Any], model, tok,
-                  evaluation: Sequence[EditRecord], reference: Optional[list]) -> dict[str, Any]:
+                  evaluation: Sequence[EditRecord], reference: Optional[list],
+                  overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The plugin method again, end to end through ``BaseEditor``: EasyEdit's metrics and ours on that run."""
-    hp = method_hparams(method, cfg.model, training=False)
+    hp = method_hparams(method, cfg.model, training=False).replace(**(overrides or {}))
     if not METHODS[method].needs_archive:
         hp = hp.replace(batch_size=cfg.chunk_size)
     else:
         seq_file = hparams_dir() / method / f"{cfg.model}-seq.yaml"
         if cfg.protocol == "sequential" and seq_file.is_file():
             hp = load_hparams(seq_file)
-        hp = hp.replace(archive=row["archive"])
+        hp = hp.replace(**(overrides or {}), archive=row["archive"])
     try:
         result = _through_easyedit(cfg, hp, model, tok, evaluation, reference)
     except EasyEditUnavailable as exc:
@@ -332,14 +372,23 @@ def _check_config(cfg: CompareConfig) -> None:
     if cfg.protocol == "batch" and cfg.num_seq != 1:
         raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
     for entry in cfg.methods:
-        builtin, method = split_method(entry)
+        name, overrides = method_overrides(entry)
+        builtin, method = split_method(name)
         if builtin:
+            if overrides:
+                raise ValueError(f"--methods entry {entry!r}: overrides apply to plugin methods; edit the EasyEdit "
+                                 "YAML under --easyedit-hparams instead")
             continue
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)} "
                              "or easyedit:<EasyEdit method>")
         if METHODS[method].needs_archive and cfg.locate:
             raise ValueError(f"{method} runs under the batch or sequential protocol, not {cfg.protocol!r}")
+        if overrides:
+            try:
+                method_hparams(method, cfg.model, training=METHODS[method].needs_archive).replace(**overrides)
+            except HyperParamsError as exc:
+                raise ValueError(f"--methods entry {entry!r}: {exc}") from exc
     for field in ("general_every", "general_items", "general_tokens"):
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "general_every" else 1):
@@ -359,7 +408,8 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
     if cfg.locate:
         cfg = dataclasses.replace(cfg, num_seq=-(-cfg.n_edits // cfg.batch_size))
     train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
-    needs_training = [m for m in cfg.methods if not split_method(m)[0] and METHODS[m].needs_archive]
+    names = [method_overrides(m)[0] for m in cfg.methods]
+    needs_training = [m for m in names if not split_method(m)[0] and METHODS[m].needs_archive]
     if needs_training and not train:
         raise ValueError(f"{', '.join(needs_training)} need --train-data to train their hypernetworks")
     total = cfg.n_edits if cfg.locate else cfg.n_edits * cfg.num_seq
@@ -383,17 +433,20 @@ def run_compare(cfg: CompareConfig, model: Optional[torch.nn.Module] = None, tok
     if cfg.general_every:
         rows[0]["general"] = [{"num_seq": 0, **_general(cfg, model, tok)}]
     for entry in cfg.methods:
-        builtin, method = split_method(entry)
+        name, overrides = method_overrides(entry)
+        builtin, method = split_method(name)
         points: list[dict[str, Any]] = []
         probe = _general_probe(cfg, model, tok, points)
         if builtin:
             result = _builtin_row(cfg, method, model, tok, evaluation, reference, probe)
         elif not METHODS[method].needs_archive:
-            result = _locate_row(cfg, method, model, tok, evaluation, reference, probe)
+            result = _locate_row(cfg, method, model, tok, evaluation, reference, probe, overrides)
         else:
-            result = _hypernet_row(cfg, method, model, tok, train, evaluation, probe)
+            result = _hypernet_row(cfg, method, model, tok, train, evaluation, probe, overrides)
+        if overrides:
+            result["overrides"] = overrides
         if cfg.via_easyedit and not builtin:
-            result.update(_via_easyedit(cfg, method, result, model, tok, evaluation, reference))
+            result.update(_via_easyedit(cfg, method, result, model, tok, evaluation, reference, overrides))
         if points:
             result["general"] = points
         rows.append({"method": entry, **base, **result, "peak_rss_mb": peak_rss_mb(), "scoring": unedited["scoring"]})

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smedit_plugin.compare import ROW_FIELDS, CompareConfig, format_general, format_table, plot_curves, run_compare
+from smedit_plugin.compare import (ROW_FIELDS, CompareConfig, format_general, format_table, method_overrides,
+                                   parse_methods, plot_curves, run_compare)
+from smedit_plugin.hypernet.archive import read_meta
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,39 @@ def test_compare_rejects_bad_configs(tmp_path, zsre_eval_path) -> None:
         run_compare(CompareConfig(methods=["SMEdit"], num_seq=3, **base))
     with pytest.raises(ValueError, match="no curves"):
         plot_curves([{"method": "x"}], tmp_path / "c.png")
+
+
+def test_method_entries_carry_hparams_overrides() -> None:
+    assert parse_methods("SMEdit, SMEdit[reg_coef=0,bp_steps=3],easyedit:FT") == [
+        "SMEdit", "SMEdit[reg_coef=0,bp_steps=3]", "easyedit:FT"]
+    assert method_overrides("SMEdit[reg_coef=0, bp_steps=3]") == ("SMEdit", {"reg_coef": 0, "bp_steps": 3})
+    assert method_overrides("COMEBA-HK[fact_token=subject_last]") == ("COMEBA-HK", {"fact_token": "subject_last"})
+    assert method_overrides("MALMEN2") == ("MALMEN2", {})
+    with pytest.raises(ValueError, match="not field=value"):
+        method_overrides("SMEdit[reg_coef]")
+
+
+def test_compare_rejects_bad_overrides_before_loading(zsre_eval_path) -> None:
+    base = dict(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path))
+    with pytest.raises(ValueError, match="no_such_field"):
+        run_compare(CompareConfig(methods=["SMEdit[no_such_field=1]"], **base))
+    with pytest.raises(ValueError, match="reg_coef"):
+        run_compare(CompareConfig(methods=["SMEdit[reg_coef=\"high\"]"], **base))
+    with pytest.raises(ValueError, match="--easyedit-hparams"):
+        run_compare(CompareConfig(methods=["easyedit:FT[lr=1]"], **base))
+
+
+def test_variant_trains_its_own_archive_with_its_overrides(tmp_path, tiny, train_file, zsre_eval_path) -> None:
+    model, tok = tiny("smollm2")
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=train_file, eval_data=Path(zsre_eval_path),
+                        methods=["SMEdit", "SMEdit[reg_coef=0]"], protocol="batch", n_edits=4,
+                        archive_root=tmp_path / "archives", progress=False)
+    rows = run_compare(cfg, model=model, tok=tok)
+    assert [r["method"] for r in rows] == ["unedited", "SMEdit", "SMEdit[reg_coef=0]"]
+    assert "overrides" not in rows[1] and rows[2]["overrides"] == {"reg_coef": 0}
+    assert rows[1]["archive"] != rows[2]["archive"]
+    coefs = [read_meta(Path(r["archive"]))["hparams"]["reg_coef"] for r in rows[1:]]
+    assert coefs == [0.5, 0.0]
 
 
 @pytest.fixture(scope="module")
