@@ -342,9 +342,9 @@ def _via_easyedit(cfg: CompareConfig, method: str, row: dict[str, Any], model, t
                   evaluation: Sequence[EditRecord], reference: Optional[list],
                   overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The plugin method again, end to end through ``BaseEditor``: EasyEdit's metrics and ours on that run."""
-    hp = method_hparams(method, cfg.model, training=False).replace(**(overrides or {}))
+    hp = method_hparams(method, cfg.model, training=False)
     if not METHODS[method].needs_archive:
-        hp = hp.replace(batch_size=cfg.chunk_size)
+        hp = hp.replace(**(overrides or {}), batch_size=cfg.chunk_size)
     else:
         seq_file = hparams_dir() / method / f"{cfg.model}-seq.yaml"
         if cfg.protocol == "sequential" and seq_file.is_file():
