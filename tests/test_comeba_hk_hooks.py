@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer
+from smedit_plugin.comeba_hk.scope import max_zscore
 from smedit_plugin.comeba_hk.state import attach_state, find_state, hook_layers, remove_hook_layers, set_mode
 from smedit_plugin.models import tiny_model
 
@@ -38,7 +39,7 @@ def _ids(tok, text: str) -> torch.Tensor:
     return torch.tensor([tok(text)["input_ids"]])
 
 
-@pytest.mark.parametrize("mode", ["validated", "temporary", "recording", "off"])
+@pytest.mark.parametrize("mode", ["validated", "temporary", "recording", "calibrating", "off"])
 def test_empty_hooks_are_bit_identical_in_every_mode(mode: str) -> None:
     model, tok = _hooked(alpha=2.2, delta_scale=0.0)
     plain, _ = tiny_model("llama3", n_layers=4)
@@ -85,6 +86,33 @@ def test_validated_swaps_only_high_zscore_tokens_temporary_swaps_all() -> None:
     assert bool((seen["hooked"] != seen["plain"]).any(-1).all())
     for h in handles:
         h.remove()
+
+
+def test_calibrating_records_under_validated_upstream_hooks_and_edits_like_validated() -> None:
+    """Spec A12: recording sees unedited upstream keys, calibrating the keys the edited model produces."""
+    model, tok = _hooked(alpha=1.2, delta_scale=0.5)
+    layers = hook_layers(model, find_state(model))
+    ids = _ids(tok, TEXTS[0])
+    keys = {}
+    handle = model.get_submodule(NAMES[1]).register_forward_pre_hook(
+        lambda _m, args: keys.__setitem__("second", args[0].detach().clone()))
+    recorded = {}
+    for mode in ("recording", "calibrating", "validated"):
+        set_mode(layers, mode)
+        recorded[mode] = (_logits(model, ids), [list(layer.recorded) for layer in layers], keys["second"])
+    handle.remove()
+    plain, _ = tiny_model("llama3", n_layers=4)
+    assert torch.equal(recorded["recording"][0], _logits(plain, ids))
+    assert torch.equal(recorded["calibrating"][0], recorded["validated"][0])
+    assert recorded["validated"][1] == [[], []]
+    first_rec, second_rec = recorded["recording"][1]
+    first_cal, second_cal = recorded["calibrating"][1]
+    assert torch.equal(first_rec[0], first_cal[0]), "nothing upstream of the first hook layer"
+    valid = torch.ones(1, ids.shape[1], dtype=torch.bool)
+    for mode, second in (("calibrating", second_cal), ("recording", second_rec)):
+        norms = torch.linalg.vector_norm(layers[1].shift(recorded[mode][2]), dim=-1)
+        assert torch.allclose(second[0], max_zscore(norms, valid, 1))
+    assert not torch.allclose(second_cal[0], second_rec[0]), "upstream swaps change the second layer's keys"
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -9,6 +9,8 @@ hook on the rewrite module adds ``delta_w k`` to its output according to the mod
 * ``validated`` (inference): only tokens whose z-score of ``||delta_w k||`` reaches ``alpha``;
 * ``temporary``: every token (used while spreading the residual over later layers);
 * ``recording``: output unchanged, each sequence's largest z-score recorded (alpha calibration);
+* ``calibrating``: as ``validated``, and the largest z-scores recorded too (alpha calibration under
+  the hooks the edited model runs with at inference, spec A12);
 * ``off``: output unchanged.
 
 ``||delta_w k||`` is computed in float32 directly rather than as ``O - P`` in the model dtype, whose
@@ -28,7 +30,7 @@ from .scope import max_zscore, swap_mask
 #: Attribute name of a hook layer on its rewrite module, and of the controller on the root model.
 HOOK_ATTR = "comeba_hook"
 CONTROLLER_ATTR = "comeba_hk_state"
-MODES = ("validated", "temporary", "recording", "off")
+MODES = ("validated", "temporary", "recording", "calibrating", "off")
 
 
 class ScopeContext:
@@ -95,9 +97,10 @@ class HookLayer(nn.Module):
         batch_shape = norms.shape
         norms2d = norms.reshape(-1, batch_shape[-1])
         valid = self.scope.valid_for(norms2d.shape[0], norms2d.shape[1], norms.device)
-        if self.mode == "recording":
+        if self.mode in ("recording", "calibrating"):
             self.recorded.append(max_zscore(norms2d, valid, self.ddof).detach())
-            return None
+            if self.mode == "recording":
+                return None
         swap = swap_mask(norms2d, valid, self.alpha, self.ddof).reshape(batch_shape)
         return torch.where(swap.unsqueeze(-1), output + shift.to(output.dtype), output)
 

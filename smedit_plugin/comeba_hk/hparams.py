@@ -97,6 +97,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     # -- hook layers (COMEBA-HK)
     use_hook: Optional[bool] = F(default=None, metadata={"help": "null = true for COMEBA-HK, false for MEMIT-C"})
     alpha_z: float = F(default=2.2, metadata={"help": "initial z-score threshold; alpha only decreases from here"})
+    calibrate_with_validated_hooks: bool = F(default=False, metadata={"help": "alpha calibration forward with every hook validated, as at inference (spec A12); false = recording only, as the authors' code"})
     ddof: int = F(default=1, metadata={"range": (0, 1), "help": "std estimator of the scope test (1 = unbiased, as the authors' code)"})
     mask_padding: bool = F(default=True, metadata={"help": "padding never counts in the z-score nor is swapped"})
     mask_bos: bool = F(default=True, metadata={"help": "a BOS the tokenizer adds never counts in the z-score nor is swapped"})

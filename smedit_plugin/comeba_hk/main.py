@@ -114,10 +114,15 @@ def _create_state(model: nn.Module, tok: Any, hp: COMEBAHKHyperParams, mods: _Mo
 
 @torch.no_grad()
 def calibrate_alpha(model: nn.Module, view: TokenView, requests: Sequence[EditRequest], layers: list[HookLayer],
-                    z_block: nn.Module, device: torch.device) -> list[Optional[float]]:
-    """Spec 2.4 step 7: recording hooks, one forward on the bare edit prompts, ``alpha <- min(alpha, alpha_c)``."""
+                    z_block: nn.Module, device: torch.device, validated: bool = False) -> list[Optional[float]]:
+    """Spec 2.4 step 7: one forward on the bare edit prompts, ``alpha <- min(alpha, alpha_c)``.
+
+    Recording hooks leave upstream layers unedited, as the authors' code does; ``validated`` runs the
+    forward as inference will (every hook validated with the previous alphas), so the keys a layer
+    is calibrated on are the keys it will see (spec A12).
+    """
     ids, mask = view.right_pad([view.encode(r.prompt) for r in requests], device)
-    set_mode(layers, "recording")
+    set_mode(layers, "calibrating" if validated else "recording")
     with stop_after(z_block):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     candidates = []
@@ -165,7 +170,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                     accumulate_keys(c_accu, keys.to(c_accu.device))
                 report["residual_norms"].append(float(residuals.norm(dim=0).mean()))
             if hooks:
-                report["alpha_candidates"] = calibrate_alpha(model, view, requests, layers, mods.z_block, device)
+                report["alpha_candidates"] = calibrate_alpha(model, view, requests, layers, mods.z_block, device,
+                                                             hp.calibrate_with_validated_hooks)
                 report["alpha"] = [float(layer.alpha) for layer in layers]
             with torch.no_grad():
                 controller.steps.add_(1)

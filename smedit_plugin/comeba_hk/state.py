@@ -109,7 +109,7 @@ def remove_hook_layers(model: nn.Module) -> bool:
 
 
 def set_mode(layers: list[HookLayer], mode: str) -> None:
-    """Switch hook layers between ``validated`` / ``temporary`` / ``recording`` / ``off``."""
+    """Switch hook layers between ``validated`` / ``temporary`` / ``recording`` / ``calibrating`` / ``off``."""
     for layer in layers:
         layer.mode = mode
         layer.recorded.clear()
