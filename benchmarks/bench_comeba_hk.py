@@ -148,7 +148,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--single-n", type=int, default=60, help="records for single-round editing (0 = skip)")
     parser.add_argument("--skip-consecutive", action="store_true")
     parser.add_argument("--infer-runs", type=int, default=9)
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, default=DATA, help="ZsRE records (default: the evaluation split); "
+                        "choose hparams on ../shared/data/zsre/zsre_train.json, never on the records you report")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="hparams overrides (JSON values)")
     parser.add_argument("--single-set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="extra overrides for single-round editing only (the paper uses lambda 5000 there vs 15000)")
