@@ -88,6 +88,14 @@ def test_validated_swaps_only_high_zscore_tokens_temporary_swaps_all() -> None:
         h.remove()
 
 
+def test_unknown_hook_mode_is_refused_and_modes_stay() -> None:
+    model, _ = _hooked(alpha=2.2, delta_scale=0.5)
+    layers = hook_layers(model, find_state(model))
+    with pytest.raises(ValueError, match="hook mode"):
+        set_mode(layers, "validate")
+    assert [layer.mode for layer in layers] == ["validated", "validated"]
+
+
 def test_calibrating_records_under_validated_upstream_hooks_and_edits_like_validated() -> None:
     """Spec A12: recording sees unedited upstream keys, calibrating the keys the edited model produces."""
     model, tok = _hooked(alpha=1.2, delta_scale=0.5)

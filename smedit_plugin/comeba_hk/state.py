@@ -17,7 +17,7 @@ from torch import nn
 
 from ..fileio import save_safetensors_atomic, write_json_atomic
 from .covariance import model_fingerprint
-from .hook_layers import CONTROLLER_ATTR, HOOK_ATTR, HookController, HookLayer, ScopeContext
+from .hook_layers import CONTROLLER_ATTR, HOOK_ATTR, MODES, HookController, HookLayer, ScopeContext
 from .modules import base_model, get_module, weight_out_in
 
 STATE_FORMAT = "smedit-comeba-hk/1"
@@ -109,7 +109,12 @@ def remove_hook_layers(model: nn.Module) -> bool:
 
 
 def set_mode(layers: list[HookLayer], mode: str) -> None:
-    """Switch hook layers between ``validated`` / ``temporary`` / ``recording`` / ``calibrating`` / ``off``."""
+    """Switch hook layers between ``validated`` / ``temporary`` / ``recording`` / ``calibrating`` / ``off``.
+
+    An unknown name would otherwise act as ``validated`` in the forward hook, silently.
+    """
+    if mode not in MODES:
+        raise ValueError(f"hook mode must be one of {list(MODES)}, got {mode!r}")
     for layer in layers:
         layer.mode = mode
         layer.recorded.clear()
