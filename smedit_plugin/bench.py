@@ -1,7 +1,8 @@
 """``smedit bench``: speed and memory of batch editing with the hypernetwork methods.
 
-Prints a table and writes JSON. Targets (e.g. 512 facts on SmolLM2 under 6 GB peak RSS) are read
-from the output, never asserted in unit tests.
+Prints a table and writes JSON. Targets (e.g. 512 facts on SmolLM2 under 6 GB peak RSS, with
+``--data`` pointing at EasyEdit's ``zsre_mend_eval.json``) are read from the output, never asserted
+in unit tests.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from .cli import Runner
 def setup_bench(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1")
-    parser.add_argument("--n-edits", type=int, default=512, help="facts edited in one batch (default: %(default)s)")
-    parser.add_argument("--data", type=Path, default=None, help="ZsRE records (default: ../shared/data ZsRE eval)")
+    parser.add_argument("--n-edits", type=int, default=256, help="facts edited in one batch (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="ZsRE records, e.g. EasyEdit's zsre_mend_eval.json (default: the packaged 300-record sample)")
     parser.add_argument("--archive", type=Path, default=None,
                         help="a trained archive for the first method; otherwise an untrained network of the same shape "
                              "(speed and memory do not depend on training)")
@@ -28,17 +30,17 @@ def setup_bench(parser: argparse.ArgumentParser) -> Runner:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .compare import method_hparams, peak_rss_mb
-    from .data import load_records
+    from .data import load_records, sample_path
     from .fileio import write_json_atomic
     from .hypernet.apply import apply_steps
     from .hypernet.archive import load_archive
     from .hypernet.editor import HypernetEditor
     from .models import load_model_and_tokenizer
 
-    data = args.data or Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre_eval.json"
+    data = args.data or sample_path("zsre_sample")
     records = load_records(data, "zsre")[: args.n_edits]
     if len(records) < args.n_edits:
-        raise ValueError(f"{data} has only {len(records)} records; lower --n-edits")
+        raise ValueError(f"--data {data} has only {len(records)} records; lower --n-edits or pass a larger file")
     model, tok = load_model_and_tokenizer(args.model)
     rows = []
     for i, method in enumerate(m.strip() for m in args.methods.split(",") if m.strip()):

@@ -39,10 +39,12 @@ COMMANDS: dict[str, CommandSpec] = {
                              "smedit_plugin.cli:setup_base_eval"),
     "train": CommandSpec("train a hypernetwork method (SMEdit, MALMEN2/1, RLEdit2/1) into an archive",
                          "smedit_plugin.commands:setup_train"),
-    "demo": CommandSpec("train SMEdit on the bundled ZsRE sample and edit unseen facts of SmolLM2-135M",
-                        "smedit_plugin.commands:setup_demo"),
+    "demo": CommandSpec("edit unseen ZsRE facts into the real SmolLM2-135M and show its answers change",
+                        "smedit_plugin.demo:setup_demo"),
     "compare": CommandSpec("train and evaluate several methods on the same model, records and protocol",
                            "smedit_plugin.commands:setup_compare"),
+    "hparams": CommandSpec("list the shipped YAML hparams, or export them in EasyEdit's hparams/ layout",
+                           "smedit_plugin.cli:setup_hparams"),
     "bench": CommandSpec("speed and peak memory of one large batch edit per hypernetwork method",
                          "smedit_plugin.bench:setup_bench"),
 }
@@ -91,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"smedit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -135,7 +137,8 @@ def info_lines() -> list[str]:
     import transformers
 
     from . import __version__
-    from .models import PRETRAINED, cache_dir, converted_model_dir
+    from .fileio import cache_dir
+    from .gguf_convert import PRETRAINED, converted_model_dir
     from .registry import METHODS
 
     converted = [name for name in PRETRAINED if (converted_model_dir(name) / "config.json").is_file()]
@@ -154,6 +157,28 @@ def info_lines() -> list[str]:
 def setup_info(parser: argparse.ArgumentParser) -> Runner:
     def run(args: argparse.Namespace) -> int:
         print("\n".join(info_lines()))
+        return 0
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# smedit hparams
+# --------------------------------------------------------------------------------------------
+
+def setup_hparams(parser: argparse.ArgumentParser) -> Runner:
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="write every shipped YAML into DIR as METHOD/model.yaml and TRAINING/METHOD/model.yaml")
+
+    def run(args: argparse.Namespace) -> int:
+        from .shipped import export_hparams, hparams_root, shipped_names
+
+        if args.export is None:
+            print(f"shipped hparams ({hparams_root()}); load one with smedit_plugin.load_hparams('METHOD/model'):")
+            print("\n".join(f"  {name}" for name in shipped_names()))
+            return 0
+        written = export_hparams(args.export)
+        print(f"wrote {len(written)} YAML files under {args.export}")
         return 0
 
     return run

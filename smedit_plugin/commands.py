@@ -1,12 +1,8 @@
-"""``smedit train``, ``smedit demo`` and ``smedit compare`` (registered in :data:`smedit_plugin.cli.COMMANDS`)."""
+"""``smedit train`` and ``smedit compare`` (registered in :data:`smedit_plugin.cli.COMMANDS`)."""
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
 
 from .cli import Runner
 
@@ -52,104 +48,6 @@ def run_train(args: argparse.Namespace) -> int:
         if "val" in entry or "final_val" in entry:
             print(f"  after unit {entry['unit']}: {entry.get('val') or entry.get('final_val')}")
     return 0
-
-
-# --------------------------------------------------------------------------------------------
-# smedit demo
-# --------------------------------------------------------------------------------------------
-
-
-def setup_demo(parser: argparse.ArgumentParser) -> Runner:
-    parser.add_argument("--method", default="SMEdit", choices=("SMEdit", "MALMEN2", "MALMEN1"))
-    parser.add_argument("--n-edits", type=int, default=24, help="unseen facts edited in one batch (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("demo_results.json"), help="JSON result file (default: %(default)s)")
-    parser.add_argument("--retrain", action="store_true", help="ignore the cached archive")
-    parser.add_argument("--no-progress", action="store_true")
-    return run_demo
-
-
-@torch.no_grad()
-def greedy_answers(model, tok, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
-    """The model's greedy continuation of each prompt, at least as many tokens as the target, first line only."""
-    from .devices import model_input_device
-    from .text import answer_text
-
-    device = model_input_device(model)
-    out = []
-    for prompt, target in zip(prompts, targets):
-        ids = tok(prompt, return_tensors="pt").to(device)
-        n_target = len(tok(answer_text(target), add_special_tokens=False)["input_ids"])
-        # an instruct model often ends a bare question with EOS at once; ask for a target-length answer
-        gen = model.generate(**ids, min_new_tokens=n_target, max_new_tokens=n_target + 2, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        out.append(text.split("\n")[0].strip())
-    return out
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from .compare import hparams_dir, method_hparams
-    from .data import load_records, sample_path, to_requests
-    from .evaluation import evaluate_records
-    from .fileio import write_json_atomic
-    from .hypernet.workflow import train_hypernet
-    from .models import cache_dir, load_model_and_tokenizer
-    from .registry import method_spec
-
-    model_key = "smollm2-135m"
-    train_hp = method_hparams(args.method, model_key, training=True)
-    train = load_records(sample_path("zsre_sample"), "zsre")
-    evaluation = load_records(sample_path("zsre_sample_eval"), "zsre")[: args.n_edits]
-    if len(evaluation) < args.n_edits:
-        raise ValueError(f"--n-edits {args.n_edits} exceeds the {len(evaluation)} packaged evaluation records")
-    model, tok = load_model_and_tokenizer(model_key)
-    archive = cache_dir() / "archives" / f"demo-{args.method}-{model_key}"
-    trained_now = args.retrain or not (archive / "meta.json").is_file()
-    if trained_now:
-        result = train_hypernet(model, tok, train_hp, train, archive, model_name=model_key, resume=False,
-                                progress=not args.no_progress)
-        print(f"trained {args.method} on {result.edits_seen} packaged ZsRE facts in {result.train_seconds:.0f} s")
-    else:
-        print(f"reusing the trained {args.method} archive at {archive} (--retrain to train again)")
-    edit_hp = method_hparams(args.method, model_key, training=False, root=hparams_dir()).replace(archive=str(archive))
-    prompts = [r.prompt for r in evaluation]
-    targets = [r.target_new for r in evaluation]
-    before = greedy_answers(model, tok, prompts, targets)
-    pre = evaluate_records(model, tok, evaluation, dataset="zsre", progress=False)
-    start = time.perf_counter()
-    apply = method_spec(args.method).apply_function()
-    model, weights_copy = apply(model, tok, to_requests(evaluation), edit_hp, return_orig_weights=True,
-                                keep_original_weight=True)
-    edit_seconds = time.perf_counter() - start
-    after = greedy_answers(model, tok, prompts, targets)
-    post = evaluate_records(model, tok, evaluation, dataset="zsre", progress=False)
-    rows = [{"prompt": p, "target_new": t, "before": b, "after": a} for p, t, b, a in zip(prompts, targets, before, after)]
-    print(_answers_table(rows))
-    print()
-    print(f"{'':<16}{'ES %':>8}{'GS %':>8}{'LS %':>8}")
-    for label, m in (("before edit", pre), (f"after {args.method}", post)):
-        print(f"{label:<16}" + "".join(f"{100 * m[k]:>8.1f}" for k in ("efficacy", "generalization", "specificity")))
-    print(f"edited {len(rows)} facts in one batch in {edit_seconds:.1f} s")
-    keys = ("efficacy", "generalization", "specificity")
-    write_json_atomic(args.out, {"method": args.method, "model": model_key, "n_edits": len(rows),
-                                 "trained_now": trained_now, "archive": str(archive), "edit_seconds": edit_seconds,
-                                 "before": {k: pre[k] for k in keys}, "after": {k: post[k] for k in keys},
-                                 "answers": rows})
-    print(f"wrote {args.out}")
-    with torch.no_grad():
-        for name, tensor in weights_copy.items():
-            model.get_parameter(name).copy_(tensor)
-    return 0
-
-
-def _answers_table(rows: list[dict[str, Any]], width: int = 44) -> str:
-    cut = lambda s, w: s if len(s) <= w else s[: w - 1] + "…"
-    head = f"{'prompt':<{width}}  {'new target':<20}  {'answer before':<20}  {'answer after':<20}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{cut(r['prompt'], width):<{width}}  {cut(r['target_new'], 20):<20}  "
-                     f"{cut(r['before'], 20):<20}  {cut(r['after'], 20):<20}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

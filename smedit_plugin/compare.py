@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import resource
 import sys
@@ -28,7 +27,8 @@ from .easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_throu
 from .evaluation import evaluate_records, predict_locality_reference
 from .fileio import write_json_atomic
 from .hparams import HyperParamsError, load_hparams
-from .models import cache_dir, load_model_and_tokenizer
+from .fileio import cache_dir
+from .models import load_model_and_tokenizer
 from .registry import METHODS
 
 PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
@@ -39,12 +39,10 @@ LOCATE_PROTOCOLS = ("consecutive", "single-round")
 
 
 def hparams_dir() -> Path:
-    """The ``hparams/`` folder: ``$SMEDIT_HPARAMS_DIR`` or the one beside the package in a checkout."""
-    env = os.environ.get("SMEDIT_HPARAMS_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "hparams"
-    if not path.is_dir():
-        raise FileNotFoundError(f"no hparams folder at {path}; set SMEDIT_HPARAMS_DIR to the repository's hparams/")
-    return path
+    """The hparams tree: ``$SMEDIT_HPARAMS_DIR`` or the YAMLs shipped in the package."""
+    from .shipped import hparams_root
+
+    return hparams_root()
 
 
 def method_hparams(method: str, model_key: str, *, training: bool, root: Optional[Path] = None):

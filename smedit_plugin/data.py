@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .shipped import DATA_DIR
+
 PathLike = Union[str, os.PathLike]
 DATASETS = ("zsre", "counterfact")
 NQ_PREFIX = "nq question: "
@@ -294,7 +296,7 @@ def load_records(path: PathLike, dataset: Optional[str] = None, limit: Optional[
 
 def sample_path(name: str) -> Path:
     """Path of a data file shipped in the package (``zsre_sample`` or ``zsre_sample_eval``, ``.json`` optional)."""
-    folder = Path(__file__).resolve().parent / "data"
+    folder = DATA_DIR
     filename = name if name.endswith(".json") else f"{name}.json"
     path = folder / filename
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves a half-written result, archive or cache."""
+"""The cache root and atomic file writes: a crash never leaves a half-written result, archive or cache."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+#: The environment variable naming the root of every cache the plugin writes.
+CACHE_ENV = "SMEDIT_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of the plugin's caches (converted models, archives, statistics): ``$SMEDIT_CACHE`` or ``~/.cache/smedit``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "smedit"
 
 
 @contextmanager

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from .devices import model_input_device
 from .evaluation import _eval_mode
 from .hypernet.losses import _accepts_logits_to_keep
+from .shipped import GLUE_DIR, WIKITEXT2_TEST
 from .text import chunks, pad_token_id, tokenize_pair
 
 GLUE_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 GLUE_DIR_ENV = "SMEDIT_GLUE_DIR"
-_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DEFAULT_TEXT_PATH = _SHARED_DATA / "text" / "wikitext-2-raw-test.txt"
+DEFAULT_TEXT_PATH = WIKITEXT2_TEST
 PADDING_SIDES = ("left", "right")
 
 PathLike = Union[str, os.PathLike]
@@ -112,9 +112,9 @@ _TASKS: dict[str, _TaskSpec] = {
 # --------------------------------------------------------------------------------------------
 
 def default_glue_dir() -> Path:
-    """``$SMEDIT_GLUE_DIR``, else ``../shared/data/glue`` beside the repository."""
+    """``$SMEDIT_GLUE_DIR``, else the GLUE-style subsets packaged in ``smedit_plugin/data/glue``."""
     root = os.environ.get(GLUE_DIR_ENV)
-    return Path(root).expanduser() if root else _SHARED_DATA / "glue"
+    return Path(root).expanduser() if root else GLUE_DIR
 
 
 def _check_task(task: str) -> None:
@@ -171,7 +171,7 @@ def load_glue_task(
     if not path.is_file():
         raise FileNotFoundError(
             f"GLUE task {task!r}: {path} not found; pass data_dir=<folder with {task}.json> or set "
-            f"${GLUE_DIR_ENV} (the files are in ../shared/data/glue, see its PROVENANCE.md)")
+            f"${GLUE_DIR_ENV} (the package ships them in smedit_plugin/data/glue)")
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of records")
@@ -359,7 +359,7 @@ def read_text_tokens(tokenizer: Any, text_path: Optional[PathLike] = None, max_t
     path = Path(text_path).expanduser() if text_path is not None else DEFAULT_TEXT_PATH
     if not path.is_file():
         raise FileNotFoundError(f"perplexity text {path} not found; pass text_path=<a plain-text file> "
-                                f"(the default is ../shared/data/text/wikitext-2-raw-test.txt)")
+                                f"(the default is the packaged {DEFAULT_TEXT_PATH.name})")
     text = path.read_text(encoding="utf-8")
     size = max_tokens * 8
     while True:

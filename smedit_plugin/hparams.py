@@ -88,19 +88,26 @@ def canonical_alg_name(name: str) -> str:
 
 
 def resolve_hparams_path(path: Union[str, os.PathLike]) -> Path:
-    """Accept ``.yaml``/``.yml``/``.json`` paths or a bare stem (tried with each suffix)."""
+    """A file path (``.yaml``/``.yml``/``.json`` or a bare stem tried with each suffix), else a shipped name.
+
+    A shipped name is ``METHOD/model`` or ``TRAINING/METHOD/model`` (``SMEdit/llama3-8b``); it is
+    looked up in the package's YAMLs only when no such file exists relative to the working directory.
+    """
+    from .shipped import is_shipped_name, shipped_hparams_path
+
     p = Path(path)
-    if p.suffix in (".yaml", ".yml", ".json"):
-        if not p.is_file():
-            raise HyperParamsError(f"hparams file {p} does not exist")
-        return p
-    for suffix in (".yaml", ".yml", ".json"):
-        cand = p.with_name(p.name + suffix)
+    candidates = [p] if p.suffix in (".yaml", ".yml", ".json") else [p.with_name(p.name + s) for s in
+                                                                     (".yaml", ".yml", ".json")] + [p]
+    for cand in candidates:
         if cand.is_file():
             return cand
-    if p.is_file():
-        return p
-    raise HyperParamsError(f"hparams file {p}(.yaml|.yml|.json) does not exist")
+    if is_shipped_name(str(path).replace(os.sep, "/")):
+        try:
+            return shipped_hparams_path(str(path).replace(os.sep, "/"))
+        except FileNotFoundError as exc:
+            raise HyperParamsError(f"hparams file {p} does not exist, and {exc}") from None
+    shown = p if p.suffix in (".yaml", ".yml", ".json") else f"{p}(.yaml|.yml|.json)"
+    raise HyperParamsError(f"hparams file {shown} does not exist")
 
 
 def read_config(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], Path]:

@@ -5,13 +5,44 @@ session-scoped and shared: tests that change its weights must restore them.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+
+
+class _DeprecationRecords(logging.Handler):
+    """Collects what transformers logs (not warns) about deprecated arguments, e.g. ``past_key_values``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecated" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations() -> Iterator[None]:
+    """Fail a test during which transformers logged a deprecation: the next release would break that call.
+
+    FutureWarnings are errors already (setup.cfg); transformers reports some deprecations through
+    its logger instead, once per process, so the first test that triggers one fails.
+    """
+    handler = _DeprecationRecords()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, f"transformers logged deprecations: {handler.messages}"
 
 
 def _data_file(relative: str) -> Path:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import smedit_plugin
 from smedit_plugin.comeba_hk import covariance
 from smedit_plugin.comeba_hk.covariance import (collect_second_moments, corpus_id, corpus_path, model_fingerprint,
                                                 read_documents, second_moments)
@@ -16,6 +17,7 @@ DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of
         "A", "Edits should stay local to their subject, said nobody in particular, twice over.",
         "Consecutive editing keeps every earlier key in the accumulated covariance."]
 NAMES = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "wikitext-2-raw-test.txt"
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +91,13 @@ def test_corpus_files_and_documents(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(FileNotFoundError, match="mom2_dataset"):
         corpus_path(str(tmp_path / "missing.txt"))
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     bundled = corpus_path("wikitext-2")
-    assert bundled.parent == tmp_path / "cache" / "corpora" and bundled.stat().st_size > 10**6
+    # the corpus ships inside the package (no ../shared, no copy into the cache)
+    assert bundled.is_relative_to(Path(smedit_plugin.__file__).parent) and bundled.stat().st_size > 10**6
+    if SHARED_TEXT.is_file():  # the packaged copy is the project's WikiText-2 test split, unchanged
+        assert bundled.read_bytes() == SHARED_TEXT.read_bytes()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_fingerprint_ignores_hook_state_but_not_weights(tiny) -> None:

@@ -11,6 +11,7 @@ from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer
 from smedit_plugin.comeba_hk.scope import max_zscore
 from smedit_plugin.comeba_hk.state import attach_state, find_state, hook_layers, remove_hook_layers, set_mode
 from smedit_plugin.models import tiny_model
+from smedit_plugin.tfcompat import cache_keyword, returned_cache
 
 NAMES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 TEXTS = ["The capital city of France is Paris and has been for a long time",
@@ -58,7 +59,7 @@ def test_single_token_inputs_and_decoding_steps_are_never_modified() -> None:
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         step = torch.tensor([[out.logits[0, -1].argmax()]])
-        cached = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True).logits
+        cached = model(input_ids=step, use_cache=True, **{cache_keyword(model): returned_cache(model, out)}).logits
         full = model(input_ids=torch.cat([ids, step], 1)).logits[:, -1:]
     assert not torch.allclose(cached, full, atol=1e-4), "the prefill is edited, the decoding step alone is not"
 

@@ -1,15 +1,19 @@
 """Model loading, the GGUF conversion cache, tiny real-depth models and edit-module lookup."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from smedit_plugin import models
-from smedit_plugin.models import (ARCHITECTURES, TINY_ARCHS, cache_dir, ensure_converted, load_model_and_tokenizer,
-                                  resolve_edit_modules, spm_bpe_merges, weight_shape_in_out)
+from smedit_plugin import gguf_convert
+from smedit_plugin.fileio import cache_dir
+from smedit_plugin.gguf_convert import ensure_converted, spm_bpe_merges
+from smedit_plugin.models import (ARCHITECTURES, TINY_ARCHS, load_model_and_tokenizer, resolve_edit_modules,
+                                  weight_shape_in_out)
+from smedit_plugin.tfcompat import transformers_version
 
 
 @pytest.mark.parametrize("key", sorted(ARCHITECTURES))
@@ -88,7 +92,7 @@ def test_weight_shape_in_out_follows_the_storage_convention() -> None:
 def test_cache_dir_follows_smedit_cache(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
-    assert models.converted_model_dir("smollm2-135m") == tmp_path / "c" / "models" / "smollm2-135m"
+    assert gguf_convert.converted_model_dir("smollm2-135m") == tmp_path / "c" / "models" / "smollm2-135m"
     monkeypatch.delenv("SMEDIT_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "smedit"
 
@@ -123,7 +127,7 @@ def test_failed_conversion_leaves_no_partial_cache(monkeypatch, tmp_path: Path) 
         (workdir / "half-written.gguf").write_bytes(b"GGUF")
         raise OSError("disk full")
 
-    monkeypatch.setitem(models.PRETRAINED, "smollm2-135m", broken)
+    monkeypatch.setitem(gguf_convert.PRETRAINED, "smollm2-135m", broken)
     with pytest.raises(OSError, match="disk full"):
         ensure_converted("smollm2-135m")
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")]
@@ -132,16 +136,17 @@ def test_failed_conversion_leaves_no_partial_cache(monkeypatch, tmp_path: Path) 
 
 def test_outdated_conversions_are_redone_once(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path))
-    target = models.converted_model_dir("smollm2-135m")
+    target = gguf_convert.converted_model_dir("smollm2-135m")
     target.mkdir(parents=True)
     (target / "smedit_source.json").write_text('{"name": "smollm2-135m"}')
     calls = []
 
     def fake_convert(name: str, folder: Path) -> None:
         calls.append(name)
-        (folder / "smedit_source.json").write_text(f'{{"format": {models.CACHE_FORMAT}}}')
+        (folder / "smedit_source.json").write_text(json.dumps({"format": gguf_convert.CACHE_FORMAT,
+                                                               "transformers": str(transformers_version())}))
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(gguf_convert, "_convert_gguf", fake_convert)
     assert ensure_converted("smollm2-135m") == target
     assert ensure_converted("smollm2-135m") == target
     assert calls == ["smollm2-135m"]

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..tfcompat import cache_keyword, returned_cache
 from .modules import (base_model, block_hidden, cache_checkpoint, logits_from_hidden, replace_block_hidden,
                       sliding_window, stop_after)
 from .templates import KL_PROMPT_SUFFIX, EditRequest, TokenView, split_template
@@ -104,7 +105,8 @@ def _first_pass(model: nn.Module, batch: ZBatch, z_block: nn.Module, with_cache:
     try:
         with torch.no_grad():
             if with_cache:
-                cache = base_model(model)(input_ids=batch.ids, attention_mask=batch.mask, use_cache=True).past_key_values
+                decoder = base_model(model)
+                cache = returned_cache(decoder, decoder(input_ids=batch.ids, attention_mask=batch.mask, use_cache=True))
             else:
                 cache = None
                 with stop_after(z_block):
@@ -252,7 +254,7 @@ class _PrefixRunner:
         try:
             with stop_after(self.upper_blocks[-1]):
                 self.model(input_ids=bucket.ids, attention_mask=bucket.mask, position_ids=bucket.positions,
-                           past_key_values=self.cache, use_cache=True)
+                           use_cache=True, **{cache_keyword(self.model): self.cache})
         finally:
             for handle in handles:
                 handle.remove()

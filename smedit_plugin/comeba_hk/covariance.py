@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,13 +20,13 @@ from tqdm.auto import tqdm
 
 from ..devices import model_input_device
 from ..fileio import save_safetensors_atomic
-from ..models import cache_dir
+from ..fileio import cache_dir
+from ..shipped import WIKITEXT2_TEST
 from .modules import stop_after
 from .templates import TokenView
 
 #: The bundled corpus name accepted in ``mom2_dataset``.
 WIKITEXT2 = "wikitext-2"
-WIKITEXT2_FILE = "wikitext-2-raw-test.txt"
 #: Padded tokens per forward of the statistics pass (memory bound, no effect on the result).
 BATCH_TOKENS = 4096
 #: Elements hashed per tensor for the model fingerprint (a strided sample keeps 8B models fast).
@@ -37,37 +35,17 @@ FINGERPRINT_SAMPLES = 4096
 SUBSET_SEED = 1
 
 
-def _wikitext_sources() -> list[Path]:
-    """Where the bundled WikiText-2 may be found: ``$SMEDIT_DATA``, the checkout's ``../shared/data``, /work/shared/data."""
-    roots = []
-    if os.environ.get("SMEDIT_DATA"):
-        roots.append(Path(os.environ["SMEDIT_DATA"]))
-    roots.append(Path(__file__).resolve().parents[2].parent / "shared" / "data")
-    roots.append(Path("/work/shared/data"))
-    return [root / "text" / WIKITEXT2_FILE for root in roots]
-
-
 def corpus_path(name: str) -> Path:
-    """The text file behind ``mom2_dataset``: ``wikitext-2`` is copied into the cache on first use."""
+    """The text file behind ``mom2_dataset``: ``wikitext-2`` is the WikiText-2 test split packaged with the plugin."""
     if name != WIKITEXT2:
         path = Path(name).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"hparams field 'mom2_dataset': {path} is not a file; use 'wikitext-2' or a UTF-8 text file")
         return path
-    cached = cache_dir() / "corpora" / WIKITEXT2_FILE
-    if cached.is_file():
-        return cached
-    for source in _wikitext_sources():
-        if source.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, cached)
-            return cached
-    raise FileNotFoundError(
-        f"the bundled corpus {WIKITEXT2_FILE} was not found (looked in {', '.join(map(str, _wikitext_sources()))}); "
-        "set SMEDIT_DATA to the data folder or point 'mom2_dataset' at any UTF-8 text file"
-    )
+    if not WIKITEXT2_TEST.is_file():
+        raise FileNotFoundError(f"the packaged corpus {WIKITEXT2_TEST} is missing; reinstall smedit-plugin or point "
+                                "'mom2_dataset' at any UTF-8 text file")
+    return WIKITEXT2_TEST
 
 
 def corpus_id(path: Path) -> str:

@@ -1,0 +1,80 @@
+"""Files that ship inside the package: the YAML hparams tree and the data samples, found with importlib.resources.
+
+The repository's top-level ``hparams/`` folder is the one source of the YAMLs; ``setup.cfg`` maps it
+into the package as ``smedit_plugin.hparams_files``, so a wheel and an editable install read the
+same files from any working directory. Data files live in ``smedit_plugin/data``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+HPARAMS_PACKAGE = "smedit_plugin.hparams_files"
+#: ``$SMEDIT_HPARAMS_DIR`` replaces the shipped tree (a folder in EasyEdit's ``hparams/`` layout).
+HPARAMS_DIR_ENV = "SMEDIT_HPARAMS_DIR"
+#: A shipped name: ``METHOD/model`` or ``TRAINING/METHOD/model`` (``.yaml`` optional).
+_NAME = re.compile(r"^(TRAINING/)?[A-Za-z0-9^_.+-]+/[A-Za-z0-9_.+-]+?(\.yaml)?$")
+YAML_SUFFIX = ".yaml"
+
+
+def hparams_root() -> Path:
+    """The hparams tree in use: ``$SMEDIT_HPARAMS_DIR`` if set, else the YAMLs shipped in the package."""
+    env = os.environ.get(HPARAMS_DIR_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"${HPARAMS_DIR_ENV}={env!r} is not a folder; unset it to use the shipped hparams")
+        return path
+    return Path(str(resources.files(HPARAMS_PACKAGE)))
+
+
+#: The package's own data folder (ZsRE samples, GLUE-style subsets, WikiText-2; see data/SAMPLE.md).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+#: The WikiText-2 test split: MEMIT/COMEBA-HK covariance corpus and the perplexity text.
+WIKITEXT2_TEST = DATA_DIR / "text" / "wikitext-2-raw-test.txt"
+#: The GLUE-style general-capability subsets.
+GLUE_DIR = DATA_DIR / "glue"
+
+
+def shipped_names(root: Union[Path, None] = None) -> list[str]:
+    """Every YAML of the tree as ``METHOD/model`` or ``TRAINING/METHOD/model``, sorted."""
+    base = root or hparams_root()
+    return sorted(p.relative_to(base).with_suffix("").as_posix() for p in base.rglob(f"*{YAML_SUFFIX}"))
+
+
+def is_shipped_name(value: Union[str, os.PathLike]) -> bool:
+    """True for a string shaped like a shipped name that is not an existing file."""
+    return isinstance(value, str) and bool(_NAME.match(value)) and not Path(value).exists()
+
+
+def shipped_hparams_path(name: str) -> Path:
+    """The YAML file behind ``name`` (``SMEdit/llama3-8b``, ``TRAINING/MALMEN2/smollm2-135m``)."""
+    import difflib
+
+    stem = name[: -len(YAML_SUFFIX)] if name.endswith(YAML_SUFFIX) else name
+    path = hparams_root() / f"{stem}{YAML_SUFFIX}"
+    if path.is_file():
+        return path
+    names = shipped_names()
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `smedit hparams` lists them"
+    raise FileNotFoundError(f"no shipped hparams {stem!r}{hint}")
+
+
+def export_hparams(out: Path) -> list[Path]:
+    """Copy the YAML tree into ``out`` in EasyEdit's ``hparams/`` layout; refuses to overwrite a file."""
+    root = hparams_root()
+    names = shipped_names(root)
+    targets = [out / f"{name}{YAML_SUFFIX}" for name in names]
+    existing = [t for t in targets if t.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} already exists (and {len(existing) - 1} more); export into an empty "
+                              "folder or remove them first")
+    for name, target in zip(names, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / f"{name}{YAML_SUFFIX}", target)
+    return targets
