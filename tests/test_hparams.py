@@ -53,7 +53,7 @@ def test_shipped_yaml_loads_and_names_real_linear_modules(path: Path) -> None:
     hp = load_hparams(path)
     assert hp.alg_name == path.parent.name
     assert type(hp) is METHODS[hp.alg_name].hparams_class()
-    model_key = path.stem.removesuffix("-seq")
+    model_key = path.stem.removesuffix("-seq").removesuffix("-demo")  # sequential and demo variants
     arch = ARCHITECTURES[model_key]
     names = _edit_module_names(hp)
     assert names
