@@ -295,6 +295,32 @@ def test_suffix_only_z_steps_equal_full_prompt_steps(stats_dir: str, arch: str, 
     assert loss_prefix == pytest.approx(loss_full, rel=1e-4)
 
 
+def test_target_values_in_chunks_equal_the_whole_batch_at_once(stats_dir: str) -> None:
+    """Each request's delta has its own loss, Adam state, early stop and clamp: chunking is exact."""
+    from smedit_plugin.comeba_hk.compute_z import compute_target_values
+    from smedit_plugin.comeba_hk.templates import TokenView, prepare_requests
+
+    model, tok = _model("llama3")
+    groups = [["{}"], ["Yesterday it rained. {}", "I think that {}"]]
+    requests = prepare_requests(REQUESTS + MORE)
+    assert len(requests) >= 3
+    results = {}
+    for chunk in (0, 1, 2):
+        hp = _hp(stats_dir, z_chunk_size=chunk, v_num_grad_steps=4, **LLAMA)
+        mods = comeba_main._Modules(model, hp)
+        results[chunk] = compute_target_values(model, TokenView(tok), requests, groups, mods.z_block,
+                                               mods.upper_blocks, mods.ln_f, mods.lm_head, mods.softcap, hp,
+                                               torch.device("cpu"))
+    z_all, info_all = results[0]
+    assert z_all.shape[1] == len(requests)
+    for chunk in (1, 2):
+        z, info = results[chunk]
+        assert torch.allclose(z, z_all, atol=1e-4 * float(z_all.abs().max())), chunk
+        assert info["z_loss"] == pytest.approx(info_all["z_loss"], rel=1e-4)
+        assert info["z_steps"] == info_all["z_steps"]
+    assert max(info_all["z_steps"]) > 0  # the optimisation ran, so equality is not trivial
+
+
 def test_bfloat16_model_edits_with_float32_state(stats_dir: str) -> None:
     model, tok = _model(dtype=torch.bfloat16)
     base = _logits(model, tok)

@@ -285,7 +285,22 @@ def compute_target_values(model: nn.Module, view: TokenView, requests: Sequence[
 
     ``upper_blocks`` are the blocks above the z block up to the loss block (``v_loss_layer``).
     ``info`` reports per-request final losses and the number of steps each request took.
+    Requests are optimised ``hp.z_chunk_size`` at a time (0 = all at once): each request's loss,
+    Adam state, early stop and clamp are its own, so chunks give the same ``Z`` while the
+    activations held for the backward pass stop growing with the batch.
     """
+    size = hp.z_chunk_size or len(requests)
+    parts = [_chunk_target_values(model, view, requests[start:start + size], groups, z_block, upper_blocks, ln_f,
+                                  lm_head, softcap, hp, device) for start in range(0, len(requests), size)]
+    z = torch.cat([part for part, _ in parts], dim=1)
+    return z, {key: [value for _, info in parts for value in info[key]] for key in ("z_loss", "z_steps")}
+
+
+def _chunk_target_values(model: nn.Module, view: TokenView, requests: Sequence[EditRequest],
+                         groups: Sequence[Sequence[str]], z_block: nn.Module, upper_blocks: list[nn.Module],
+                         ln_f: nn.Module, lm_head: nn.Module, softcap: Optional[float], hp: Any,
+                         device: torch.device) -> tuple[torch.Tensor, dict[str, Any]]:
+    """:func:`compute_target_values` for requests optimised together."""
     batch = build_z_batch(view, requests, groups, device)
     window = sliding_window(model)
     fits = window is None or 2 * batch.ids.shape[1] < window

@@ -81,6 +81,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     v_weight_decay: float = F(default=0.5, metadata={"range": (0.0, None)})
     clamp_norm_factor: float = F(default=0.75, metadata={"range": (0.0, None)})
     kl_factor: float = F(default=0.0625, metadata={"range": (0.0, None)})
+    z_chunk_size: int = F(default=16, metadata={"range": (0, None), "help": "facts whose target values are optimised together (exact; bounds the peak memory of a large batch); 0 = the whole batch at once"})
     z_prefix_cache: bool = F(default=True, metadata={"help": "recompute only tokens from the subject on during z steps (exact; false = full forward, needed for flash attention)"})
     context_template_length_params: list[list[int]] = F(default_factory=lambda: [[10, 5]], metadata={"help": "[[tokens, count], ...] of self-generated prefixes (MEMIT: [[10, 5]])"})
     seed: int = F(default=0, metadata={"help": "seed of the context-template sampler (a local generator; the global RNG is untouched)"})
