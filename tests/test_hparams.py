@@ -61,6 +61,17 @@ def test_shipped_yaml_loads_and_names_real_linear_modules(path: Path) -> None:
     assert [n for n, _ in resolved] == names
 
 
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(ROOT / "hparams")) for p in YAMLS])
+def test_shipped_yaml_model_name_loads_by_name(path: Path) -> None:
+    """EasyEdit's BaseEditor passes model_name to from_pretrained: a hub id, or one of our packaged CPU keys."""
+    from smedit_plugin.gguf_convert import PRETRAINED
+
+    model_key = path.stem.removesuffix("-seq").removesuffix("-demo")
+    name = load_hparams(path).model_name
+    expected = model_key if model_key in PRETRAINED else ARCHITECTURES[model_key].hub_id
+    assert name == expected, f"{path.relative_to(ROOT)}: model_name {name!r}, want {expected!r}"
+
+
 def test_yaml_scientific_notation_becomes_float_only_for_float_fields(tmp_path: Path) -> None:
     path = tmp_path / "h.yaml"
     path.write_text("alg_name: MALMEN2\nmodel_name: m\nedit_modules: [a.b]\nlr: 1e-6\nmeta_lr: 2e-5\nrank: 1e3\n")
