@@ -1,7 +1,7 @@
 """Edit records: one type for ZsRE and CounterFact, loaders for their file schemas, EasyEdit request dicts.
 
 Loaders read the MEND/ROME ZsRE schema, the full ROME CounterFact schema and the MEND/EasyEdit
-CounterFact split schema (see ``../shared/data/PROVENANCE.md``) into :class:`EditRecord`, and
+CounterFact split schema (the README's Data section lists them) into :class:`EditRecord`, and
 raise ``ValueError`` naming the file, the record index and the field for malformed input.
 """
 from __future__ import annotations
