@@ -165,6 +165,23 @@ def test_spm_bpe_merges_rank_pairs_by_the_merged_piece_score() -> None:
 
 
 @pytest.mark.slow
+def test_smollm2_gguf_converts_into_a_plain_checkpoint_on_this_transformers(monkeypatch, tmp_path: Path,
+                                                                             smollm2) -> None:
+    """Always a fresh conversion (an empty cache), so CI converts under each transformers it runs."""
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path))
+    folder = ensure_converted("smollm2-135m")
+    assert folder.is_relative_to(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    marker = json.loads((folder / "smedit_source.json").read_text())
+    assert marker["transformers"] == str(transformers_version())
+    model, _ = load_model_and_tokenizer("smollm2-135m", device="cpu")
+    reference, _ = smollm2  # the session's copy, converted earlier or by another run
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
 def test_smollm2_tokenizer_uses_the_gguf_special_tokens(smollm2) -> None:
     _, tok = smollm2
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
