@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ours", nargs="*", default=[], metavar="METHOD[field=value,...]",
                    help="extra variants of our side only (ablations)")
     p.add_argument("--skip-reference", action="store_true", help="run our side only")
+    p.add_argument("--skip-ours", action="store_true", help="run the reference side (and --ours variants) only")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--train-data", type=Path, default=DATA / "zsre_train.json")
@@ -366,7 +367,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     methods = args.methods or list(PAIRS[args.protocol])
     jobs: list[tuple[str, str]] = []
     for method in methods:
-        jobs.append(("ours", method))
+        if not args.skip_ours:
+            jobs.append(("ours", method))
         if not args.skip_reference:
             jobs.append(("reference", method))
     jobs += [("ours", variant) for variant in args.ours]
