@@ -34,10 +34,10 @@ time, from the outside:
   reference appends, ``loc_ans``), so both sides see the same prompts. Only ``n_train`` training and
   ``n_edits * num_seq`` evaluation records are written, so its shuffling only permutes them.
 
-Variants of our side for ablations: ``--ours "MALMEN2[rank=1024,adam_repeats=2,layers=reference]"``;
-``adam_repeats=k`` applies every Adam step k times (what the reference does when a shared network is
-listed once per BP step), ``layers=reference`` uses ``--reference-layers``, other fields override the
-TRAINING YAML.
+Variants of our side for ablations: ``--ours "MALMEN2[rank=1024,reference_adam_duplicates=true,layers=reference]"``;
+``layers=reference`` edits the official run's modules, other fields override the TRAINING YAML
+(``reference_adam_duplicates=true`` applies each Adam update once per BP step, as the reference's
+optimiser does with a shared network; ``cumulative_steps=false`` reverts each BP step in training).
 """
 from __future__ import annotations
 
@@ -90,27 +90,6 @@ def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
     return match.group(1), overrides
 
 
-def repeat_adam_steps(repeats: int) -> None:
-    """Make every meta-optimiser step apply Adam ``repeats`` times with the same gradients.
-
-    This is exactly what ``torch.optim.Adam`` does with a parameter listed ``repeats`` times (the
-    reference lists a network shared by the BP steps once per step): same gradient, the step counter
-    and moments advanced once per occurrence.
-    """
-    from smedit_plugin.hypernet.trainer import MetaTrainer
-
-    def step(self: MetaTrainer) -> None:
-        import torch
-
-        torch.nn.utils.clip_grad_norm_(self.editor.unique_parameters(), self.hp.max_grad_norm)
-        for _ in range(repeats):
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.state.optimizer_steps += 1
-
-    MetaTrainer._optimizer_step = step
-
-
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Train our hypernetwork on the training records, edit the evaluation facts, score them."""
     import torch
@@ -123,9 +102,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     method, overrides = parse_variant(args.method)
-    repeats = int(overrides.pop("adam_repeats", 1))
-    if repeats > 1:
-        repeat_adam_steps(repeats)
     layers = overrides.pop("layers", None)
     modules = REFERENCE_LAYERS if layers == "reference" else args.edit_modules
     hp = method_hparams(method, args.model, training=True).replace(
