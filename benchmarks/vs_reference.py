@@ -76,7 +76,7 @@ def peak_rss_mb() -> float:
 # our side
 # ---------------------------------------------------------------------------------------------
 def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
-    """``"MALMEN2[rank=1024,adam_repeats=2]"`` -> ``("MALMEN2", {"rank": 1024, "adam_repeats": 2})``."""
+    """``"MALMEN2[rank=1024,cumulative_steps=false]"`` -> ``("MALMEN2", {"rank": 1024, "cumulative_steps": False})``."""
     match = re.fullmatch(r"\s*([A-Za-z0-9_-]+)\s*(?:\[(.*)\])?\s*", entry)
     if match is None:
         raise SystemExit(f"--ours entry {entry!r} is not METHOD or METHOD[field=value,...]")
