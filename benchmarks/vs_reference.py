@@ -104,10 +104,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     method, overrides = parse_variant(args.method)
     layers = overrides.pop("layers", None)
     modules = REFERENCE_LAYERS if layers == "reference" else args.edit_modules
-    hp = method_hparams(method, args.model, training=True).replace(
-        n_edits=args.n_edits, num_seq=args.num_seq, val_n_edits=args.n_edits, max_steps=-1, n_epochs=1,
-        rank=args.rank, edit_modules=list(modules), micro_batch_size=args.micro_batch_size,
-        model_dtype=args.dtype, bp_steps=2, **overrides)
+    settings = dict(n_edits=args.n_edits, num_seq=args.num_seq, val_n_edits=args.n_edits, max_steps=-1, n_epochs=1,
+                    rank=args.rank, edit_modules=list(modules), micro_batch_size=args.micro_batch_size,
+                    model_dtype=args.dtype, bp_steps=2)
+    hp = method_hparams(method, args.model, training=True).replace(**{**settings, **overrides})
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype)
     train = load_records(args.train_data, "zsre")[: args.n_train]
     evaluation = load_records(args.eval_data, "zsre")[: args.n_edits * args.num_seq]
