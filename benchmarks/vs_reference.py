@@ -115,7 +115,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         result = train_hypernet(model, tok, hp, train, Path(tmp) / "archive", progress=True)
         editor, _ = load_archive(Path(tmp) / "archive", model, hp)
         metrics = edit_and_evaluate(model, tok, editor, evaluation, n_edits=args.n_edits, progress=True)
-    return {"impl": "ours", "method": args.method, "train_s_per_edit": result.seconds_per_edit,
+    lrs = torch.cat([net.lr.weight.detach().flatten() for nets in editor.nets for net in nets.values()])
+    return {"impl": "ours", "method": args.method, "rank": hp.rank, "edit_modules": list(hp.edit_modules),
+            "learned_edit_lr": float(lrs.mean()), "train_s_per_edit": result.seconds_per_edit,
             "edit_s_per_edit": metrics["edit_seconds"] / len(evaluation),
             **{k: metrics[k] for k in ("efficacy", "generalization", "specificity")},
             "optimizer_steps": result.state.optimizer_steps, "peak_rss_mb": peak_rss_mb()}
@@ -367,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "--ref-eval", str(ref_eval), "--workdir", str(workdir), *common])
             row.setdefault("impl", impl)
             row.setdefault("method", method)
-            rows.append({**{k: row.get(k) for k in ROW_KEYS}, **row, "protocol": args.protocol, **settings})
+            rows.append({**{k: row.get(k) for k in ROW_KEYS}, "protocol": args.protocol, **settings, **row})
             write_json_atomic(args.out, rows)
             tqdm.write(format_table(rows[-1:]))
     print(format_table(rows))
