@@ -34,6 +34,10 @@ time, from the outside:
   reference appends, ``loc_ans``), so both sides see the same prompts. Only ``n_train`` training and
   ``n_edits * num_seq`` evaluation records are written, so its shuffling only permutes them.
 
+The model folder is converted by our venv (``$SMEDIT_CACHE``, default ``~/.cache/smedit``) and must load
+with the reference venv's transformers: a folder re-saved by transformers 5 (``"tokenizer_class":
+"TokenizersBackend"``) does not load with 4.x, so give this run its own ``SMEDIT_CACHE`` then.
+
 Variants of our side for ablations: ``--ours "MALMEN2[rank=1024,reference_adam_duplicates=true,layers=reference]"``;
 ``layers=reference`` edits the official run's modules, other fields override the TRAINING YAML
 (``reference_adam_duplicates=true`` applies each Adam update once per BP step, as the reference's
