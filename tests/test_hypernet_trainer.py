@@ -338,3 +338,30 @@ def test_a_training_step_reaches_the_low_rank_blocks(tiny4, records) -> None:
     for name, grad in grads.items():
         if name.endswith((".B", ".bias")):
             assert grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_reference_adam_duplicates_equals_adam_with_the_shared_network_listed_per_step(tiny4, records) -> None:
+    """The switch reproduces the reference optimiser: a shared network listed once per BP step (spec §1.6)."""
+    hp = MALMEN2HyperParams(**{**SMALL, "max_steps": 2, "meta_lr": 1e-2})
+    tok = tiny4[1]
+
+    def trained(hparams, listed_per_step: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = fresh(tiny4)
+        editor = HypernetEditor(model, hparams)
+        opt = None
+        if listed_per_step:  # the reference's construction; PyTorch warns about the duplicates
+            params = [p for _ in range(hparams.bp_steps) for p in editor.unique_parameters()]
+            opt = torch.optim.Adam(params, lr=hparams.meta_lr, foreach=False)
+        trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt)
+        trainer.train(records, progress=False)
+        return {n: p.detach().clone() for n, p in trainer.editor.nets.named_parameters()}
+
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        reference = trained(hp, listed_per_step=True)
+    emulated = trained(hp.replace(reference_adam_duplicates=True), listed_per_step=False)
+    plain = trained(hp, listed_per_step=False)
+    assert MetaTrainer(fresh(tiny4), tok, hp.replace(reference_adam_duplicates=True)).adam_updates_per_step() == 2
+    for name, value in reference.items():
+        torch.testing.assert_close(emulated[name], value, rtol=1e-6, atol=1e-9, msg=name)
+    assert any(not torch.allclose(plain[n], reference[n]) for n in reference)  # the switch changes training

@@ -68,6 +68,7 @@ class HypernetHyperParams(MethodHyperParams):
     n_epochs: int = F(default=1, metadata={"range": (1, None)})
     max_steps: int = F(default=-1, metadata={"range": (-1, None), "help": "training batches (batch mode) or sequences; -1 = one full pass"})
     cumulative_steps: bool = F(default=True, metadata={"help": "BP steps stack during training as at edit time (paper); false = reference code"})
+    reference_adam_duplicates: bool = F(default=False, metadata={"help": "with one network shared by the BP steps, apply each Adam update bp_steps times, as the reference code does by listing the network once per step (spec §1.6, §7 item 11); false = once"})
     val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate (and checkpoint) every N training units: batches, or trajectories when num_seq > 1 (0 = only at the end)"})
     val_n_edits: int = F(default=64, metadata={"range": (1, None)})
     seed: int = 0

@@ -153,9 +153,16 @@ class MetaTrainer:
         for n, w in self.weights.items():
             w.copy_(snap[n])
 
+    def adam_updates_per_step(self) -> int:
+        """1, or ``bp_steps`` when emulating the reference's shared network listed once per BP step in Adam."""
+        return self.hp.bp_steps if self.hp.reference_adam_duplicates and self.editor.shared else 1
+
     def _optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.editor.unique_parameters(), self.hp.max_grad_norm)
-        self.opt.step()
+        # Adam with a parameter listed k times updates it k times in a row with the same gradient
+        # (the for-loop implementation; spec §1.6): k calls of step() reproduce that exactly.
+        for _ in range(self.adam_updates_per_step()):
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
 
