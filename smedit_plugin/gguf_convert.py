@@ -69,8 +69,12 @@ CACHE_FORMAT = 2
 
 
 def converted_model_dir(name: str) -> Path:
-    """Where the safetensors conversion of a :data:`PRETRAINED` model lives (it may not exist yet)."""
-    return cache_dir() / "models" / name
+    """Where the safetensors conversion of a :data:`PRETRAINED` model lives (it may not exist yet).
+
+    One folder per transformers major release: a folder saved by 5.x does not load in 4.x (and the
+    other way round), so two environments sharing one cache each keep their own conversion.
+    """
+    return cache_dir() / "models" / f"{name}-transformers{transformers_version().major}"
 
 
 def _is_current_conversion(folder: Path) -> bool:

@@ -92,7 +92,8 @@ def test_weight_shape_in_out_follows_the_storage_convention() -> None:
 def test_cache_dir_follows_smedit_cache(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
-    assert gguf_convert.converted_model_dir("smollm2-135m") == tmp_path / "c" / "models" / "smollm2-135m"
+    major = transformers_version().major
+    assert gguf_convert.converted_model_dir("smollm2-135m") == tmp_path / "c" / "models" / f"smollm2-135m-transformers{major}"
     monkeypatch.delenv("SMEDIT_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "smedit"
 
