@@ -18,7 +18,8 @@ from smedit_plugin.data import EditRecord, load_records, to_edit_kwargs, to_requ
 from smedit_plugin.evaluation import METRICS
 from smedit_plugin.fileio import cache_dir
 from smedit_plugin.models import load_model_and_tokenizer, tiny_model
-from smedit_plugin.registry import METHODS, register
+from smedit_plugin.methods import METHODS
+from smedit_plugin.registry import register
 
 #: ``--model`` value for a randomly initialised SmolLM2-shaped model (real depth, width 64): seconds, not minutes.
 TINY = "tiny-smollm2"

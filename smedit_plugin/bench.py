@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from .cli import Runner
+from .methods import COMPARE_DEFAULT
 
 
 def setup_bench(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1")
+    parser.add_argument("--methods", default=",".join(COMPARE_DEFAULT))
     parser.add_argument("--n-edits", type=int, default=256, help="facts edited in one batch (default: %(default)s)")
     parser.add_argument("--data", type=Path, default=None,
                         help="ZsRE records, e.g. EasyEdit's zsre_mend_eval.json (default: the packaged 300-record sample)")

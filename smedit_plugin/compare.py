@@ -29,7 +29,7 @@ from .fileio import write_json_atomic
 from .hparams import HyperParamsError, load_hparams
 from .fileio import cache_dir
 from .models import load_model_and_tokenizer
-from .registry import METHODS
+from .methods import METHODS
 
 PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",

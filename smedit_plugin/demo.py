@@ -22,9 +22,9 @@ METRIC_KEYS = ("efficacy", "generalization", "specificity")
 
 
 def setup_demo(parser: argparse.ArgumentParser) -> Runner:
-    from .registry import METHODS
+    from .methods import DEMO_DEFAULT, METHODS
 
-    parser.add_argument("--method", default="COMEBA-HK", choices=tuple(METHODS),
+    parser.add_argument("--method", default=DEMO_DEFAULT, choices=tuple(METHODS),
                         help="method to demonstrate (default: %(default)s, which needs no training)")
     parser.add_argument("--n-edits", type=int, default=8, help="unseen facts edited in one batch (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("demo_results.json"),
@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .fileio import write_json_atomic
     from .gguf_convert import is_converted
     from .models import load_model_and_tokenizer
-    from .registry import method_spec
+    from .methods import method_spec
 
     records = demo_records(args.n_edits)
     spec = method_spec(args.method)
