@@ -192,12 +192,10 @@ def setup_hparams(parser: argparse.ArgumentParser) -> Runner:
 def format_metrics_table(metrics: dict, title: str) -> str:
     """A small fixed-width table of efficacy / generalization / specificity in percent."""
     from .evaluation import METRICS
+    from .table import format_table
 
-    rows = [title, f"{'metric':<16}{'value':>8}"]
-    for name in METRICS:
-        value = metrics[name]
-        rows.append(f"{name:<16}{'n/a' if value is None else f'{100 * value:.1f} %':>8}")
-    return "\n".join(rows)
+    return title + "\n" + format_table(["metric", "value"], [
+        [name, "n/a" if metrics[name] is None else f"{100 * metrics[name]:.1f} %"] for name in METRICS])
 
 
 def setup_base_eval(parser: argparse.ArgumentParser) -> Runner:

@@ -28,7 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .data import detect_dataset, load_records
     from .hparams import load_hparams
     from .hypernet.hparams import HypernetHyperParams
-    from .hypernet.workflow import train_hypernet
+    from .hypernet.runner import train_hypernet
     from .models import load_model_and_tokenizer
 
     hp = load_hparams(args.hparams)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..editing import WeightsSnapshot, edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -80,17 +80,28 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
             w.requires_grad_(flag)
 
 
+def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],
+               snapshot: Optional[WeightsSnapshot] = None) -> WeightsSnapshot:
+    """The one road from (prompt, target) pairs to a hypernetwork weight update, used by every caller.
+
+    Runs :func:`apply_steps` inside an :func:`edit_transaction` and returns the snapshot of the
+    edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
+    back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
+    """
+    with edit_transaction(model, snapshot) as snapshot:
+        for name in editor.module_names:
+            snapshot.capture_module(name)
+        apply_steps(model, tok, editor, prompts, targets)
+    return snapshot
+
+
 def apply_hypernet_to_model(model: nn.Module, tok, requests: Sequence[dict[str, Any]], hparams: HypernetHyperParams,
                             copy: bool = False, return_orig_weights: bool = False, keep_original_weight: bool = False,
                             **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """EasyEdit apply function shared by SMEdit, MALMEN2/1 and RLEdit2/1 (extra kwargs are ignored)."""
     prompts, targets = validate_requests(requests)
     model = maybe_copy_model(model, copy)
-    editor = editor_for(model, hparams)
-    with edit_transaction(model) as snapshot:
-        for name in editor.module_names:
-            snapshot.capture_module(name)
-        apply_steps(model, tok, editor, prompts, targets)
+    snapshot = edit_batch(model, tok, editor_for(model, hparams), prompts, targets)
     return model, weights_copy_for_easyedit(snapshot, return_orig_weights=return_orig_weights,
                                             keep_original_weight=keep_original_weight)
 

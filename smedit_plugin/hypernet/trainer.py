@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import EditRecord
+from ..editing import WeightsSnapshot
 from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -125,13 +126,12 @@ class MetaTrainer:
                 for n in shifts}
 
     # -- one unit --------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach().clone() for n, w in self.weights.items()}
-
-    @torch.no_grad()
-    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for n, w in self.weights.items():
-            w.copy_(snap[n])
+    def _snapshot(self) -> WeightsSnapshot:
+        """The edited weights before a training unit, which never keeps its edits."""
+        snapshot = WeightsSnapshot(self.model)
+        for name in self.editor.module_names:
+            snapshot.capture_module(name)
+        return snapshot
 
     def _optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.editor.unique_parameters(), self.hp.max_grad_norm)
@@ -154,9 +154,9 @@ class MetaTrainer:
                 self.editor.meta_backward(rec, grads)
                 self._optimizer_step()
                 if not self.hp.cumulative_steps:
-                    self._restore(snap)
+                    snap.restore()
         finally:
-            self._restore(snap)
+            snap.restore()
         return loss
 
     def _train_trajectory(self, records: list[EditRecord]) -> float:
@@ -183,7 +183,7 @@ class MetaTrainer:
                     self.editor.meta_backward(rec, self._add_shift_penalty(grads, rec.shifts, scale))
             self._optimizer_step()
         finally:
-            self._restore(snap)
+            snap.restore()
         return total
 
     # -- the loop --------------------------------------------------------------------------
