@@ -15,7 +15,8 @@ from smedit_plugin import easyedit
 from smedit_plugin.data import EditRecord, load_records, to_edit_kwargs, to_requests
 from smedit_plugin.evaluation import METRICS
 from smedit_plugin.fileio import cache_dir
-from smedit_plugin.models import load_model_and_tokenizer, tiny_model
+from smedit_plugin.models import load_model_and_tokenizer
+from smedit_plugin.testing import tiny_model
 from smedit_plugin.methods import METHODS
 from smedit_plugin.registry import register
 
