@@ -6,7 +6,7 @@ singleton that could outlive the model (contract §1.3, §7.4).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import weakref
 from typing import Any, Optional, Sequence
@@ -19,7 +19,7 @@ from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 
-_EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HypernetEditor]]" = weakref.WeakKeyDictionary()
+_EDITORS: "weakref.WeakKeyDictionary[nn.Module, _CachedEditor]" = weakref.WeakKeyDictionary()
 
 
 def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -39,11 +39,18 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
     return prompts, targets
 
 
+@dataclasses.dataclass(frozen=True)
+class _CachedEditor:
+    archive: tuple[str, Optional[float], str]  # path, meta.json mtime, hypernetwork device
+    hparams: HypernetHyperParams  # a private copy of the hparams the editor was loaded with
+    editor: HypernetEditor
+
+
 def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor:
     """The trained editor named by ``hparams.archive``, loaded once per (model, archive, archive mtime, hparams).
 
-    The hparams are part of the key because the editor keeps the ones it was loaded with
-    (``bp_steps``, ``micro_batch_size``, ...); a later call with other values must not reuse them.
+    The hparams are compared (as dataclasses, field by field) because the editor keeps the ones it
+    was loaded with (``bp_steps``, ``micro_batch_size``, ...); a later call with other values must not reuse them.
     """
     if not hparams.archive:
         raise ArchiveError(f"{hparams.alg_name} needs a trained hypernetwork: set `archive:` in the hparams to the "
@@ -51,16 +58,14 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
     meta_file = os.path.join(hparams.archive, "meta.json")
     stamp = os.path.getmtime(meta_file) if os.path.isfile(meta_file) else None
     device = hypernet_device(hparams)
-    key = (os.path.abspath(hparams.archive), stamp, str(device),
-           json.dumps(hparams.to_dict(), sort_keys=True, default=str))
-    per_model = _EDITORS.setdefault(model, {})
-    if key not in per_model:
+    archive = (os.path.abspath(hparams.archive), stamp, str(device))
+    cached = _EDITORS.get(model)
+    if cached is None or cached.archive != archive or cached.hparams != hparams:
         editor, _ = load_archive(hparams.archive, model, hparams, device=device)
-        per_model.clear()
-        per_model[key] = editor
-    editor = per_model[key]
-    editor.bind(model)
-    return editor
+        cached = _CachedEditor(archive, hparams.replace(), editor)
+        _EDITORS[model] = cached
+    cached.editor.bind(model)
+    return cached.editor
 
 
 def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str]) -> None:
