@@ -13,8 +13,8 @@ from .methods import METHODS
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    **{spec.hparams_path.split(":")[1]: spec.hparams_path.split(":")[0] for spec in METHODS.values()},
-    **{spec.apply_path.split(":")[1]: spec.apply_path.split(":")[0] for spec in METHODS.values()},
+    **{attr: module for spec in METHODS.values() for module, attr in
+       (spec.hparams_path.split(":"), spec.apply_path.split(":"))},
     "register": "smedit_plugin.registry",
     "METHODS": "smedit_plugin.methods",
     "load_editor": "smedit_plugin.easyedit",

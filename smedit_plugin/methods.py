@@ -76,7 +76,8 @@ COMPARE_DEFAULT: tuple[str, ...] = ("SMEdit", "MALMEN2", "MALMEN1")
 DEMO_DEFAULT = "COMEBA-HK"
 
 #: Accepted ``alg_name`` spellings (lower-cased) -> canonical name: each name itself plus its aliases.
-ALIASES: dict[str, str] = {alias: spec.name for spec in METHODS.values() for alias in (spec.name.lower(), *spec.aliases)}
+ALIASES: dict[str, str] = {alias: spec.name for spec in METHODS.values()
+                            for alias in (spec.name.lower(), *spec.aliases)}
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -85,24 +85,38 @@ def test_no_import_cycle_inside_the_package() -> None:
 
 
 _PROBE = r"""
-import dataclasses, importlib, json, sys
+import dataclasses, json, sys
+
+
+def import_easyeditor():
+    from smedit_plugin import easyedit  # the wheel needs the shim; neither touches the hparams modules
+    easyedit.install_transformers_shim()
+    easyedit.import_easyeditor(tolerate_missing_vision=True)
+
+
 order = sys.argv[1]
 if order == "before":
-    import easyeditor  # noqa: F401
-from smedit_plugin.hparams import HyperParamsError
+    import_easyeditor()
+from smedit_plugin.hparams import HyperParamsError, read_config
 from smedit_plugin.methods import METHODS
+classes = {name: spec.hparams_class() for name, spec in METHODS.items()}
 if order == "after":
-    import easyeditor  # noqa: F401
+    import_easyeditor()
+assert ("easyeditor" in sys.modules) == (order != "never")
 out = {}
-for name, spec in METHODS.items():
-    cls = spec.hparams_class()
-    fields = {f.name: repr(f.default) for f in dataclasses.fields(cls)}
-    try:
-        cls.from_dict({"alg_name": name, "model_name": "m", "edit_modules": [], "layers": [99]})
-        error = None
-    except HyperParamsError as exc:
-        error = str(exc)
-    out[name] = {"mro": [c.__module__ + "." + c.__qualname__ for c in cls.__mro__], "fields": fields, "error": error}
+for name, cls in classes.items():
+    fields = {f.name: "<required>" if f.default is dataclasses.MISSING else repr(f.default)
+              for f in dataclasses.fields(cls)}
+    config, _ = read_config(f"{name}/smollm2-135m")
+    loaded = cls.from_dict(config).to_dict()
+    errors = []
+    for bad in ({"batch_size": 0}, {"max_length": "long"}, {"alg_name": "nope"}, {"batch_sise": 1}):
+        try:
+            cls.from_dict({**config, **bad})
+        except HyperParamsError as exc:
+            errors.append(str(exc))
+    out[name] = {"mro": [c.__module__ + "." + c.__qualname__ for c in cls.__mro__], "fields": fields,
+                 "loaded": repr(loaded), "errors": errors}
 print(json.dumps(out, sort_keys=True))
 """
 
@@ -131,6 +145,7 @@ def test_hparams_classes_in_a_fresh_process_without_easyeditor() -> None:
     result = _probe("never")
     assert set(result) == {"SMEdit", "MALMEN2", "MALMEN1", "RLEdit2", "RLEdit1", "COMEBA-HK", "MEMIT-C"}
     assert all(not any("easyeditor" in c for c in entry["mro"]) for entry in result.values())
+    assert all(len(entry["errors"]) == 4 for entry in result.values())
 
 
 def _string_constants(tree: ast.AST) -> list[tuple[int, str]]:

@@ -154,7 +154,8 @@ def locate_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> M
             if probe is not None:
                 probe(batch_no)
             if cfg.protocol == "single-round":
-                scores.append((len(batch), ctx.score(batch, None if reference is None else reference[i:i + cfg.chunk_size])))
+                ref = None if reference is None else reference[i:i + cfg.chunk_size]
+                scores.append((len(batch), ctx.score(batch, ref)))
                 run.roll_back()
         if cfg.protocol != "single-round":
             scores.append((len(evaluation), ctx.score(evaluation, reference, cfg.progress)))
