@@ -61,7 +61,7 @@ def main() -> None:
         train_hp = train_hp.replace(n_edits=args.train_batch)
     train = load_sample(args.train_data, args.train_records, "--train-records")
     records = load_sample(args.eval_data, args.n_edits, "--n-edits")
-    archive = args.archive or default_archive(METHOD, args.model, train_hp, args.train_data, len(train))
+    archive = args.archive or default_archive(args.model, train_hp, args.train_data, len(train))
     training = train_or_reuse(model, tok, train_hp, train, archive, args.model, retrain=args.retrain,
                               progress=not args.no_progress)
 

@@ -6,8 +6,6 @@ so copy it along with the script you copy.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -17,8 +15,10 @@ from smedit_plugin import easyedit
 from smedit_plugin.data import EditRecord, load_records, to_edit_kwargs, to_requests
 from smedit_plugin.evaluation import METRICS
 from smedit_plugin.fileio import cache_dir
-from smedit_plugin.models import load_model_and_tokenizer, tiny_model
-from smedit_plugin.registry import METHODS, register
+from smedit_plugin.models import load_model_and_tokenizer
+from smedit_plugin.testing import tiny_model
+from smedit_plugin.methods import METHODS
+from smedit_plugin.registry import register
 
 #: ``--model`` value for a randomly initialised SmolLM2-shaped model (real depth, width 64): seconds, not minutes.
 TINY = "tiny-smollm2"
@@ -49,22 +49,25 @@ def load_sample(path: Path, limit: Optional[int], what: str) -> list[EditRecord]
     return records
 
 
-def default_archive(method: str, model: str, train_hp: Any, train_path: Path, n_train: int) -> Path:
-    """A cache folder named after everything that decides the trained networks, so reruns reuse it."""
-    key = json.dumps([train_hp.to_dict(), str(Path(train_path).resolve()), n_train], sort_keys=True, default=str)
-    return cache_dir() / "archives" / f"example-{method}-{model}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+def default_archive(model: str, train_hp: Any, train_path: Path, n_train: int) -> Path:
+    """The plugin's cache folder for these training settings (the key ``smedit compare`` and the demo use)."""
+    from smedit_plugin.hypernet.runner import archive_path
+
+    return archive_path(train_hp, train_data=Path(train_path), model_key=model, dataset="zsre",
+                        root=cache_dir() / "archives", label=f"example-n{n_train}")
 
 
 def train_or_reuse(model: torch.nn.Module, tok: Any, train_hp: Any, train: Sequence[EditRecord], archive: Path,
                    model_name: str, *, retrain: bool, progress: bool) -> dict[str, Any]:
-    """Train the hypernetworks into ``archive`` unless a trained archive is already there; says which."""
-    from smedit_plugin.hypernet.workflow import train_hypernet
+    """Train the hypernetworks into ``archive`` unless a completed training wrote it already; says which."""
+    from smedit_plugin.hypernet.runner import ensure_trained
 
-    if (archive / "meta.json").is_file() and not retrain:
+    trained = ensure_trained(model, tok, train_hp, train, Path(archive), model_key=model_name, dataset="zsre",
+                             retrain=retrain, progress=progress)
+    result = trained.trained
+    if result is None:
         print(f"reusing the trained {train_hp.alg_name} archive at {archive} (--retrain to train again)")
         return {"archive": str(archive), "trained_now": False}
-    result = train_hypernet(model, tok, train_hp, train, archive, model_name=model_name, resume=False,
-                            progress=progress)
     print(f"trained {train_hp.alg_name} on {result.edits_seen} facts ({result.state.units_done} "
           f"{'trajectories' if train_hp.num_seq > 1 else 'batches'}) in {result.train_seconds:.1f} s -> {archive}")
     return {"archive": str(archive), "trained_now": True, "train_seconds": result.train_seconds,

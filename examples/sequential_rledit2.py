@@ -64,7 +64,7 @@ def main() -> None:
     n, k = args.n_edits, args.num_seq
     records = load_sample(args.eval_data, n * k, "--n-edits * --num-seq")
     batches = [records[i:i + n] for i in range(0, n * k, n)]
-    archive = args.archive or default_archive(METHOD, args.model, train_hp, args.train_data, len(train))
+    archive = args.archive or default_archive(args.model, train_hp, args.train_data, len(train))
     training = train_or_reuse(model, tok, train_hp, train, archive, args.model, retrain=args.retrain,
                               progress=not args.no_progress)
 

@@ -10,14 +10,13 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from .cli import Runner
+from .methods import COMPARE_DEFAULT
 
 
 def setup_bench(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1")
+    parser.add_argument("--methods", default=",".join(COMPARE_DEFAULT))
     parser.add_argument("--n-edits", type=int, default=256, help="facts edited in one batch (default: %(default)s)")
     parser.add_argument("--data", type=Path, default=None,
                         help="ZsRE records, e.g. EasyEdit's zsre_mend_eval.json (default: the packaged 300-record sample)")
@@ -32,10 +31,11 @@ def run_bench(args: argparse.Namespace) -> int:
     from .compare import method_hparams, peak_rss_mb
     from .data import load_records, sample_path
     from .fileio import write_json_atomic
-    from .hypernet.apply import apply_steps
+    from .hypernet.apply import edit_batch
     from .hypernet.archive import load_archive
     from .hypernet.editor import HypernetEditor
     from .models import load_model_and_tokenizer
+    from .table import format_table
 
     data = args.data or sample_path("zsre_sample")
     records = load_records(data, "zsre")[: args.n_edits]
@@ -47,19 +47,15 @@ def run_bench(args: argparse.Namespace) -> int:
         hp = method_hparams(method, args.model, training=False)
         editor = (load_archive(args.archive, model, hp)[0] if args.archive and i == 0
                   else HypernetEditor(model, hp, num_seq=1))
-        weights = {n: editor.edit_module(n).weight.detach().clone() for n in editor.module_names}
         start = time.perf_counter()
-        apply_steps(model, tok, editor, [r.prompt for r in records], [r.target_new for r in records])
+        snapshot = edit_batch(model, tok, editor, [r.prompt for r in records], [r.target_new for r in records])
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            for n, w in weights.items():
-                editor.edit_module(n).weight.copy_(w)
+        snapshot.restore()
         rows.append({"method": method, "model": args.model, "n_edits": len(records), "bp_steps": hp.bp_steps,
                      "edit_seconds": seconds, "edit_s_per_edit": seconds / len(records), "peak_rss_mb": peak_rss_mb()})
-    print(f"{'method':<10}{'n_edits':>9}{'bp_steps':>10}{'edit s':>10}{'s/edit':>10}{'peak RSS MB':>13}")
-    for r in rows:
-        print(f"{r['method']:<10}{r['n_edits']:>9}{r['bp_steps']:>10}{r['edit_seconds']:>10.1f}"
-              f"{r['edit_s_per_edit']:>10.4f}{r['peak_rss_mb']:>13.0f}")
+    print(format_table(["method", "n_edits", "bp_steps", "edit s", "s/edit", "peak RSS MB"],
+                       [[r["method"], str(r["n_edits"]), str(r["bp_steps"]), f"{r['edit_seconds']:.1f}",
+                         f"{r['edit_s_per_edit']:.4f}", f"{r['peak_rss_mb']:.0f}"] for r in rows]))
     write_json_atomic(args.out, rows)
     print(f"wrote {args.out}")
     return 0

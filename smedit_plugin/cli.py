@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .methods import METHODS, method_names
+
 Runner = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], Runner]
 
@@ -37,7 +39,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "info": CommandSpec("versions, devices, EasyEdit era and registered methods", "smedit_plugin.cli:setup_info"),
     "base-eval": CommandSpec("metrics of the unedited model on ZsRE or CounterFact records",
                              "smedit_plugin.cli:setup_base_eval"),
-    "train": CommandSpec("train a hypernetwork method (SMEdit, MALMEN2/1, RLEdit2/1) into an archive",
+    "train": CommandSpec(f"train a hypernetwork method ({', '.join(method_names(needs_archive=True))}) into an archive",
                          "smedit_plugin.commands:setup_train"),
     "demo": CommandSpec("edit unseen ZsRE facts into the real SmolLM2-135M and show its answers change",
                         "smedit_plugin.demo:setup_demo"),
@@ -71,7 +73,7 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str
     """The top-level parser; only the subcommand named in ``argv`` gets its full options."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="smedit", description="SMEdit, MALMEN2, RLEdit2 and COMEBA-HK for EasyEdit")
+    parser = argparse.ArgumentParser(prog="smedit", description=f"{', '.join(METHODS)} for EasyEdit")
     parser.add_argument("--version", action="version", version=f"smedit-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen_command(argv)
@@ -139,7 +141,6 @@ def info_lines() -> list[str]:
     from . import __version__
     from .fileio import cache_dir
     from .gguf_convert import PRETRAINED, converted_model_dir
-    from .registry import METHODS
 
     converted = [name for name in PRETRAINED if (converted_model_dir(name) / "config.json").is_file()]
     return [
@@ -191,12 +192,10 @@ def setup_hparams(parser: argparse.ArgumentParser) -> Runner:
 def format_metrics_table(metrics: dict, title: str) -> str:
     """A small fixed-width table of efficacy / generalization / specificity in percent."""
     from .evaluation import METRICS
+    from .table import format_table
 
-    rows = [title, f"{'metric':<16}{'value':>8}"]
-    for name in METRICS:
-        value = metrics[name]
-        rows.append(f"{name:<16}{'n/a' if value is None else f'{100 * value:.1f} %':>8}")
-    return "\n".join(rows)
+    return title + "\n" + format_table(["metric", "value"], [
+        [name, "n/a" if metrics[name] is None else f"{100 * metrics[name]:.1f} %"] for name in METRICS])
 
 
 def setup_base_eval(parser: argparse.ArgumentParser) -> Runner:

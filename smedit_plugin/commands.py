@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .cli import Runner
+from .methods import COMPARE_DEFAULT, method_names
 
 # --------------------------------------------------------------------------------------------
 # smedit train
@@ -12,7 +13,7 @@ from .cli import Runner
 
 
 def setup_train(parser: argparse.ArgumentParser) -> Runner:
-    parser.add_argument("hparams", help="a TRAINING yaml, e.g. hparams/TRAINING/SMEdit/smollm2-135m.yaml")
+    parser.add_argument("hparams", help="a TRAINING yaml (hparams/TRAINING/<METHOD>/<model>.yaml) or its shipped name TRAINING/<METHOD>/<model>")
     parser.add_argument("--data", required=True, help="training records (ZsRE or CounterFact JSON)")
     parser.add_argument("--val-data", default=None, help="validation records (ES/GS/LS every val_interval units)")
     parser.add_argument("--out", required=True, type=Path, help="archive directory to write (resumed if it exists)")
@@ -27,7 +28,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .data import detect_dataset, load_records
     from .hparams import load_hparams
     from .hypernet.hparams import HypernetHyperParams
-    from .hypernet.workflow import train_hypernet
+    from .hypernet.runner import train_hypernet
     from .models import load_model_and_tokenizer
 
     hp = load_hparams(args.hparams)
@@ -60,10 +61,13 @@ def setup_compare(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default="zsre")
     parser.add_argument("--train-data", type=Path, default=None)
     parser.add_argument("--eval-data", type=Path, required=True)
-    parser.add_argument("--methods", default="SMEdit,MALMEN2,MALMEN1", help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT); "
-                             "METHOD[field=value,...] runs a variant with hparams overrides (e.g. SMEdit[reg_coef=0])")
+    parser.add_argument("--methods", default=",".join(COMPARE_DEFAULT),
+                        help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT); "
+                             "METHOD[field=value,...] runs a variant with hparams overrides (e.g. "
+                             f"{COMPARE_DEFAULT[0]}[reg_coef=0])")
     parser.add_argument("--protocol", choices=("batch", "sequential", "consecutive", "single-round"), default="batch",
-                        help="batch/sequential: hypernetwork methods; consecutive/single-round: COMEBA-HK, MEMIT-C")
+                        help="batch/sequential: hypernetwork methods; consecutive/single-round: "
+                             + ", ".join(method_names(needs_archive=False)))
     parser.add_argument("--n-edits", type=int, default=64,
                         help="facts per edit batch (batch, sequential); total facts (consecutive, single-round)")
     parser.add_argument("--batch-size", type=int, default=10,

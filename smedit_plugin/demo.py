@@ -16,15 +16,16 @@ from typing import Any, Sequence
 import torch
 
 from .cli import Runner
+from .table import format_table
 
 MODEL_KEY = "smollm2-135m"
 METRIC_KEYS = ("efficacy", "generalization", "specificity")
 
 
 def setup_demo(parser: argparse.ArgumentParser) -> Runner:
-    from .registry import METHODS
+    from .methods import DEMO_DEFAULT, METHODS
 
-    parser.add_argument("--method", default="COMEBA-HK", choices=tuple(METHODS),
+    parser.add_argument("--method", default=DEMO_DEFAULT, choices=tuple(METHODS),
                         help="method to demonstrate (default: %(default)s, which needs no training)")
     parser.add_argument("--n-edits", type=int, default=8, help="unseen facts edited in one batch (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("demo_results.json"),
@@ -90,17 +91,19 @@ def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool
     from .data import load_records, sample_path
     from .fileio import cache_dir
     from .hparams import load_hparams
-    from .hypernet.workflow import train_hypernet
+    from .hypernet.runner import train_or_reuse
 
-    archive = cache_dir() / "archives" / f"demo-{method}-{MODEL_KEY}"
-    if not retrain and (archive / "meta.json").is_file():
-        print(f"reusing the trained {method} archive at {archive} (--retrain to train again)")
-        return archive, 0.0
-    train = load_records(sample_path("zsre_sample"), "zsre")
-    result = train_hypernet(model, tok, load_hparams(f"TRAINING/{method}/{MODEL_KEY}"), train, archive,
-                            model_name=MODEL_KEY, resume=False, progress=progress)
-    print(f"trained {method} on {result.edits_seen} packaged ZsRE training facts in {result.train_seconds:.0f} s")
-    return archive, result.train_seconds
+    data = sample_path("zsre_sample")
+    start = time.perf_counter()
+    trained = train_or_reuse(model, tok, load_hparams(f"TRAINING/{method}/{MODEL_KEY}"), load_records(data, "zsre"),
+                             train_data=data, model_key=MODEL_KEY, dataset="zsre", root=cache_dir() / "archives",
+                             label="demo", retrain=retrain, progress=progress)
+    if not trained.trained_now:
+        print(f"reusing the trained {method} archive at {trained.path} (--retrain to train again)")
+        return trained.path, 0.0
+    seconds = time.perf_counter() - start
+    print(f"trained {method} on the packaged ZsRE training facts in {seconds:.0f} s")
+    return trained.path, seconds
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -110,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .fileio import write_json_atomic
     from .gguf_convert import is_converted
     from .models import load_model_and_tokenizer
-    from .registry import method_spec
+    from .methods import method_spec
 
     records = demo_records(args.n_edits)
     spec = method_spec(args.method)
@@ -148,9 +151,9 @@ def run_demo(args: argparse.Namespace) -> int:
     hits = sum(r["gives_target"] for r in rows)
     print(_answers_table(rows))
     print(f"\n{hits} of {len(rows)} edited answers now start with their new target\n")
-    print(f"{'':<20}{'ES %':>8}{'GS %':>8}{'LS %':>8}")
-    for label, m in (("before edit", pre), (f"after {args.method}", post)):
-        print(f"{label:<20}" + "".join(f"{100 * m[k]:>8.1f}" for k in METRIC_KEYS))
+    print(format_table(["", "ES %", "GS %", "LS %"],
+                       [[label] + [f"{100 * m[k]:.1f}" for k in METRIC_KEYS]
+                        for label, m in (("before edit", pre), (f"after {args.method}", post))]))
     print("\nES: token accuracy of the new target on the edit prompt; GS: on a rephrasing; LS: unrelated questions")
     print("time: " + ", ".join(f"{label} {seconds:.1f} s" for label, seconds in timings.items()))
     write_json_atomic(args.out, {

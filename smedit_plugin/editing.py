@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -90,13 +90,14 @@ class WeightsSnapshot:
 
 
 @contextlib.contextmanager
-def edit_transaction(model: nn.Module) -> Iterator[WeightsSnapshot]:
+def edit_transaction(model: nn.Module, snapshot: Optional[WeightsSnapshot] = None) -> Iterator[WeightsSnapshot]:
     """Yield a snapshot; if the body raises (even KeyboardInterrupt), undo every captured change and re-raise.
 
     A half-applied edit is worse than none: the next edit or evaluation would silently run on a
-    model that matches no request.
+    model that matches no request. Pass the ``snapshot`` of earlier edits to extend it (edits that
+    accumulate are then all undone together, by the caller or on failure).
     """
-    snapshot = WeightsSnapshot(model)
+    snapshot = WeightsSnapshot(model) if snapshot is None else snapshot
     try:
         yield snapshot
     except BaseException:

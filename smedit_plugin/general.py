@@ -1,5 +1,8 @@
 """General capability after editing: zero-shot GLUE-style accuracy and perplexity (meta-editing spec §5, "GLUE probe").
 
+Perplexity itself lives in :mod:`smedit_plugin.perplexity`; this module holds the GLUE-style tasks,
+their scoring and :func:`general_report`, which runs both.
+
 The SMEdit and RLEdit papers check that editing leaves the rest of the model intact by scoring SST-2,
 MRPC, CoLA, RTE, NLI and MMLU (100 test items each, zero-shot) and perplexity on plain text, before and
 after N sequential edits. Each task keeps the reference code's prompt framing (``xpq-tech/emsedit``,
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -26,19 +28,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .devices import model_input_device
 from .evaluation import _eval_mode
 from .hypernet.losses import _accepts_logits_to_keep
-from .shipped import GLUE_DIR, WIKITEXT2_TEST
+from .perplexity import special_prefix, read_text_tokens, token_perplexity
+from .shipped import GLUE_DIR
 from .text import chunks, pad_token_id, tokenize_pair
 
 GLUE_TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 GLUE_DIR_ENV = "SMEDIT_GLUE_DIR"
-DEFAULT_TEXT_PATH = WIKITEXT2_TEST
 PADDING_SIDES = ("left", "right")
 
 PathLike = Union[str, os.PathLike]
@@ -294,101 +295,6 @@ def glue_accuracy(
 
 
 # --------------------------------------------------------------------------------------------
-# Perplexity
-# --------------------------------------------------------------------------------------------
-
-def _special_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer puts before any text by default (a BOS for Llama 3 / Gemma, none for SmolLM2)."""
-    full = list(tokenizer("a")["input_ids"])
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    return full[: full.index(plain[0])] if plain and plain[0] in full else []
-
-
-def token_perplexity(
-    model: nn.Module,
-    token_ids: Sequence[int],
-    *,
-    window: int = 512,
-    stride: Optional[int] = None,
-    prefix_ids: Sequence[int] = (),
-    bar: Optional[tqdm] = None,
-) -> float:
-    """``exp`` of the mean next-token NLL over ``token_ids``, read in windows of ``window`` tokens.
-
-    Windows start every ``stride`` tokens (default ``window``: non-overlapping) and each token is
-    predicted once, by the first window that holds it with context: with overlapping windows the
-    overlap is context only. ``prefix_ids`` (e.g. a BOS) lead every window, so that window's first
-    token is predicted too; without them the first token of a non-overlapping window is not.
-    """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    step = window if stride is None else stride
-    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= window:
-        raise ValueError(f"stride must be an int in [1, window={window}] or None, got {stride!r}")
-    ids = [int(t) for t in token_ids]
-    if len(ids) < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
-    prefix = [int(t) for t in prefix_ids]
-    device = model_input_device(model)
-    total, count, scored_to = 0.0, 0, 0
-    if bar is not None:
-        bar.reset(total=math.ceil(max(len(ids) - window, 0) / step) + 1)
-    with torch.no_grad(), _eval_mode(model):
-        for begin in range(0, len(ids), step):
-            end = min(begin + window, len(ids))
-            first = max(begin if prefix else begin + 1, scored_to)
-            if first < end:
-                inputs = torch.tensor([prefix + ids[begin:end]], device=device)
-                logits = model(input_ids=inputs, use_cache=False).logits[0]
-                rows = torch.arange(first - begin, end - begin, device=logits.device) + len(prefix) - 1
-                targets = torch.tensor(ids[first:end], device=logits.device)
-                total += float(F.cross_entropy(logits[rows].float(), targets, reduction="sum"))
-                count += end - first
-                scored_to = end
-            if bar is not None:
-                bar.update(1)
-            if end == len(ids):
-                break
-    return math.exp(total / count)
-
-
-def read_text_tokens(tokenizer: Any, text_path: Optional[PathLike] = None, max_tokens: int = 4096) -> list[int]:
-    """The first ``max_tokens`` token ids of a text file (without special tokens); fewer if the file is shorter."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-        raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
-    path = Path(text_path).expanduser() if text_path is not None else DEFAULT_TEXT_PATH
-    if not path.is_file():
-        raise FileNotFoundError(f"perplexity text {path} not found; pass text_path=<a plain-text file> "
-                                f"(the default is the packaged {DEFAULT_TEXT_PATH.name})")
-    text = path.read_text(encoding="utf-8")
-    size = max_tokens * 8
-    while True:
-        ids = list(tokenizer(text[:size], add_special_tokens=False)["input_ids"])
-        if len(ids) > max_tokens or size >= len(text):
-            return ids[:max_tokens]
-        size *= 2
-
-
-def perplexity(
-    model: nn.Module,
-    tokenizer: Any,
-    text_path: Optional[PathLike] = None,
-    *,
-    max_tokens: int = 4096,
-    window: int = 512,
-    stride: Optional[int] = None,
-    bar: Optional[tqdm] = None,
-) -> float:
-    """Perplexity of ``model`` on the first ``max_tokens`` tokens of ``text_path`` (default: WikiText-2 test).
-
-    Windows as in :func:`token_perplexity`; every window starts with the tokenizer's own leading
-    special tokens (BOS), if it adds any.
-    """
-    ids = read_text_tokens(tokenizer, text_path, max_tokens)
-    return token_perplexity(model, ids, window=window, stride=stride, prefix_ids=_special_prefix(tokenizer), bar=bar)
-
-
-# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -427,6 +333,6 @@ def general_report(
     ppl = None
     if ids is not None:
         with tqdm(desc="perplexity", unit="window", disable=not progress) as bar:
-            ppl = token_perplexity(model, ids, window=window, prefix_ids=_special_prefix(tokenizer), bar=bar)
+            ppl = token_perplexity(model, ids, window=window, prefix_ids=special_prefix(tokenizer), bar=bar)
     return {"glue": glue, "perplexity": ppl, "n_items": {task: len(v) for task, v in items.items()},
             "ppl_tokens": None if ids is None else len(ids), "seconds": time.perf_counter() - start}

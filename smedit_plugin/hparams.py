@@ -3,8 +3,9 @@
 Each method declares a dataclass that subclasses :class:`MethodHyperParams`. Loading is strict
 (unknown keys, missing keys, wrong types and out-of-range values all raise
 :class:`HyperParamsError` naming the field and the file) because EasyEdit's own loaders fail late
-and silently on exactly those mistakes. The classes subclass EasyEdit's ``HyperParams`` when
-``easyeditor`` is importable so that EasyEdit code that type-checks hparams accepts them.
+and silently on exactly those mistakes. The classes are plain dataclasses, the same
+whether or not ``easyeditor`` was imported first: EasyEdit never type-checks hparams, so
+``BaseEditor`` accepts them, and they offer the ``to_dict``/``from_json`` its ``HyperParams`` has.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import dataclasses
 import difflib
 import json
 import os
-import sys
 import types
 import typing
 from pathlib import Path
@@ -21,70 +21,10 @@ from typing import Any, ClassVar, Mapping, Optional, Union
 
 import yaml
 
+from .errors import HyperParamsError
+from .methods import canonical_alg_name, method_spec
 
-class HyperParamsError(ValueError):
-    """A hyperparameter file or value is wrong; the message names the field, the file and the fix."""
-
-
-def _easyedit_base() -> type:
-    """EasyEdit's ``HyperParams`` when EasyEdit is already imported, else a local base with its helpers.
-
-    EasyEdit is never imported from here: its import takes seconds, configures logging, reseeds RNGs
-    (GitHub HEAD) and fails outright for the 2023 wheel without the shim. ``register()`` imports it,
-    so the usual ``register()`` then ``load_hparams()`` order yields subclasses of EasyEdit's class.
-    EasyEdit itself never type-checks hparams, so either base works with ``BaseEditor``.
-    """
-    module = sys.modules.get("easyeditor.util.hparams")
-    return getattr(module, "HyperParams", _LocalHyperParams) if module is not None else _LocalHyperParams
-
-
-@dataclasses.dataclass
-class _LocalHyperParams:
-    """Stand-in base with the two helpers EasyEdit's base provides."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_Base = _easyedit_base()
-
-#: Alias spellings accepted in ``alg_name`` (lower-cased, punctuation removed) -> canonical name.
-ALIASES: dict[str, str] = {
-    "smedit": "SMEdit",
-    "emsedit": "SMEdit",
-    "malmen2": "MALMEN2",
-    "malmen^2": "MALMEN2",
-    "malmen²": "MALMEN2",
-    "malmen1": "MALMEN1",
-    "rledit2": "RLEdit2",
-    "rledit^2": "RLEdit2",
-    "rledit²": "RLEdit2",
-    "rledit1": "RLEdit1",
-    "comebahk": "COMEBA-HK",
-    "comeba-hk": "COMEBA-HK",
-    "comeba_hk": "COMEBA-HK",
-    "coachhook": "COMEBA-HK",
-    "memitc": "MEMIT-C",
-    "memit-c": "MEMIT-C",
-    "memit_c": "MEMIT-C",
-}
-
-
-def canonical_alg_name(name: str) -> str:
-    """Map an alias (``MALMEN^2``, ``malmen2``, ``CoachHooK``) to the registered name."""
-    if not isinstance(name, str):
-        raise HyperParamsError(f"alg_name must be a string, got {type(name).__name__}")
-    key = name.strip().lower()
-    if key in ALIASES:
-        return ALIASES[key]
-    squeezed = key.replace("-", "").replace("_", "").replace(" ", "")
-    for alias, canonical in ALIASES.items():
-        if alias.replace("-", "").replace("_", "") == squeezed:
-            return canonical
-    known = sorted(set(ALIASES.values()))
-    raise HyperParamsError(
-        f"unknown method {name!r}; use one of {', '.join(known)}"
-    )
+__all__ = ["HyperParamsError", "MethodHyperParams", "canonical_alg_name", "load_hparams", "read_config"]
 
 
 def resolve_hparams_path(path: Union[str, os.PathLike]) -> Path:
@@ -204,7 +144,7 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 @dataclasses.dataclass(kw_only=True)
-class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
+class MethodHyperParams:
     """Fields EasyEdit's ``BaseEditor`` and evaluation read, plus the loader.
 
     ``batch_size`` keeps EasyEdit's meaning (edits per apply call); every method's own
@@ -322,6 +262,11 @@ class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
         config, path = read_config(hparams_name_or_path)
         return cls.from_dict(config, source=str(path))
 
+    @classmethod
+    def from_json(cls, fpath: Union[str, os.PathLike]):
+        """EasyEdit's name for loading a JSON file, with this package's strict checks."""
+        return cls.from_hparams(fpath)
+
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
@@ -342,8 +287,6 @@ class MethodHyperParams(_Base):  # type: ignore[misc, valid-type]
 
 def load_hparams(path: Union[str, os.PathLike]) -> MethodHyperParams:
     """Load any plugin hparams file, choosing the class from its ``alg_name`` (or legacy ``alg``)."""
-    from .registry import method_spec
-
     config, p = read_config(path)
     name = config.get("alg_name", config.get("alg"))
     if name is None:

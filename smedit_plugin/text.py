@@ -130,11 +130,11 @@ def _collated(
         start += len(part)
 
 
-def answer_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Boolean ``(batch, seq)`` mask of the positions whose logits predict answer tokens."""
-    return batch["labels"] != IGNORE_INDEX
+def answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(batch, seq)`` mask of the positions whose logits predict answer tokens (pre-shifted labels)."""
+    return labels != IGNORE_INDEX
 
 
 def label_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
     """Number of answer tokens per row (row-major order of :func:`answer_mask`)."""
-    return answer_mask(batch).sum(dim=1).tolist()
+    return answer_mask(batch["labels"]).sum(dim=1).tolist()

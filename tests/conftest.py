@@ -85,7 +85,7 @@ def smollm2() -> tuple[Any, Any]:
 @pytest.fixture(scope="session")
 def tiny() -> Callable[..., tuple[Any, Any]]:
     """Factory ``tiny(arch="smollm2", n_layers=None, seed=0)`` -> a fresh random ``(model, tokenizer)``."""
-    from smedit_plugin.models import tiny_model
+    from smedit_plugin.testing import tiny_model
 
     def make(arch: str = "smollm2", n_layers: Optional[int] = None, seed: int = 0) -> tuple[Any, Any]:
         return tiny_model(arch, seed=seed, n_layers=n_layers)

@@ -9,7 +9,7 @@ import pytest
 
 from smedit_plugin import cli
 from smedit_plugin.cli import COMMANDS, CommandSpec, main, register_command
-from smedit_plugin.registry import METHODS
+from smedit_plugin.methods import METHODS
 
 
 def test_without_a_command_help_is_printed(capsys) -> None:

@@ -11,7 +11,7 @@ from smedit_plugin.comeba_hk import covariance
 from smedit_plugin.comeba_hk.covariance import (collect_second_moments, corpus_id, corpus_path, model_fingerprint,
                                                 read_documents, second_moments)
 from smedit_plugin.comeba_hk.state import STATE_NAME_PARTS, attach_state
-from smedit_plugin.models import tiny_model
+from smedit_plugin.testing import tiny_model
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
         "A", "Edits should stay local to their subject, said nobody in particular, twice over.",

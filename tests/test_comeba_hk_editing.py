@@ -16,7 +16,7 @@ from smedit_plugin.comeba_hk import (COMEBAHKHyperParams, apply_comeba_hk_to_mod
 from smedit_plugin.comeba_hk import main as comeba_main
 from smedit_plugin.comeba_hk.compute_ks import compute_keys_and_cur
 from smedit_plugin.comeba_hk.state import find_state, state_parameters
-from smedit_plugin.models import tiny_model
+from smedit_plugin.testing import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
@@ -337,7 +337,7 @@ def test_bfloat16_model_edits_with_float32_state(stats_dir: str) -> None:
 _CONTINUE = """
 import json, sys, torch
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model, load_hook_state
-from smedit_plugin.models import tiny_model
+from smedit_plugin.testing import tiny_model
 cfg = json.loads(sys.argv[1])
 model, tok = tiny_model("llama3", n_layers=4)
 load_hook_state(model, cfg["state"])

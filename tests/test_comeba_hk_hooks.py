@@ -10,7 +10,7 @@ import torch
 from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer
 from smedit_plugin.comeba_hk.scope import max_zscore
 from smedit_plugin.comeba_hk.state import attach_state, find_state, hook_layers, remove_hook_layers, set_mode
-from smedit_plugin.models import tiny_model
+from smedit_plugin.testing import tiny_model
 from smedit_plugin.tfcompat import cache_keyword, returned_cache
 
 NAMES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]

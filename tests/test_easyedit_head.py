@@ -20,7 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from smedit_plugin import easyedit
 from smedit_plugin.editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from smedit_plugin.hparams import MethodHyperParams
-from smedit_plugin.registry import METHODS, MethodSpec, register
+from smedit_plugin.methods import METHODS, MethodSpec
+from smedit_plugin.registry import register
 
 pytestmark = pytest.mark.easyedit_head
 

@@ -17,7 +17,7 @@ from smedit_plugin import easyedit
 from smedit_plugin.compare import method_hparams
 from smedit_plugin.data import load_records, to_edit_kwargs
 from smedit_plugin.hypernet.apply import apply_steps, editor_for
-from smedit_plugin.hypernet.workflow import train_hypernet
+from smedit_plugin.hypernet.runner import train_hypernet
 from smedit_plugin.registry import register
 
 SMALL = dict(rank=8, n_blocks=2, micro_batch_size=2, batch_size=4)

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smedit_plugin.general import (DEFAULT_TEXT_PATH, GLUE_DIR_ENV, GLUE_TASKS, GlueItem, general_report, glue_accuracy,
-                                   load_glue_task, perplexity, read_text_tokens, score_choices, token_perplexity)
+from smedit_plugin.general import (GLUE_DIR_ENV, GLUE_TASKS, GlueItem, general_report, glue_accuracy, load_glue_task,
+                                   score_choices)
+from smedit_plugin.perplexity import DEFAULT_TEXT_PATH, perplexity, read_text_tokens, token_perplexity
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12 + "Editing a fact should leave the rest alone."

@@ -10,8 +10,10 @@ import yaml
 
 from smedit_plugin.hparams import HyperParamsError, canonical_alg_name, load_hparams
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
-from smedit_plugin.models import ARCHITECTURES, resolve_edit_modules, tiny_model
-from smedit_plugin.registry import METHODS
+from smedit_plugin.edit_modules import resolve_edit_modules
+from smedit_plugin.models import ARCHITECTURES
+from smedit_plugin.testing import tiny_model
+from smedit_plugin.methods import METHODS
 from smedit_plugin.rledit2.hparams import RLEdit2HyperParams
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 

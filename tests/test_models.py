@@ -11,8 +11,9 @@ from torch import nn
 from smedit_plugin import gguf_convert
 from smedit_plugin.fileio import cache_dir
 from smedit_plugin.gguf_convert import ensure_converted, spm_bpe_merges
-from smedit_plugin.models import (ARCHITECTURES, TINY_ARCHS, load_model_and_tokenizer, resolve_edit_modules,
-                                  weight_shape_in_out)
+from smedit_plugin.edit_modules import resolve_edit_modules, weight_shape_in_out
+from smedit_plugin.models import ARCHITECTURES, load_model_and_tokenizer
+from smedit_plugin.testing import TINY_ARCHS
 from smedit_plugin.tfcompat import transformers_version
 
 

@@ -107,7 +107,8 @@ def test_a_wheel_install_works_outside_the_checkout(wheel: Path, tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SMEDIT_HPARAMS_DIR")}
     run = lambda *args: subprocess.run([str(python), *args], cwd=work, env=env, check=True, capture_output=True,
                                        text=True).stdout
-    code = ("import json, smedit_plugin as s; from smedit_plugin.general import default_glue_dir, DEFAULT_TEXT_PATH; "
+    code = ("import json, smedit_plugin as s; from smedit_plugin.general import default_glue_dir; "
+            "from smedit_plugin.perplexity import DEFAULT_TEXT_PATH; "
             "hp = s.load_hparams('COMEBA-HK/gemma-2'); "
             "print(json.dumps([s.__file__, hp.alg_name, str(default_glue_dir()), str(DEFAULT_TEXT_PATH)]))")
     location, alg_name, glue, text = json.loads(run("-c", code))

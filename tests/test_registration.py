@@ -20,7 +20,8 @@ import pytest
 
 from smedit_plugin import easyedit
 from smedit_plugin.hparams import HyperParamsError
-from smedit_plugin.registry import METHODS, MethodSpec, make_easyedit_apply, register
+from smedit_plugin.methods import METHODS, MethodSpec
+from smedit_plugin.registry import make_easyedit_apply, register
 
 ROOT = Path(__file__).resolve().parents[1]
 

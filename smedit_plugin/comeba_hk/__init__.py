@@ -3,7 +3,7 @@
 One file per step of the method: ``templates`` (requests, context templates), ``compute_ks``
 (keys), ``compute_z`` (target values), ``covariance`` (E[kk^T]), ``update`` (Eq. 13-15),
 ``scope`` (Eq. 16-19), ``hook_layers`` and ``state`` (persistent hook state), ``main`` (the step
-and EasyEdit's apply function). Importing this package loads nothing heavy.
+and EasyEdit's apply function), ``runner`` (consecutive edits and their roll back, for the CLI). Importing this package loads nothing heavy.
 """
 from .hparams import COMEBAHKHyperParams
 from .main import apply_comeba_hk_to_model

@@ -10,6 +10,7 @@ import dataclasses
 from typing import ClassVar, Optional
 
 from ..hparams import MethodHyperParams
+from ..methods import alg_names_of
 
 F = dataclasses.field
 
@@ -60,7 +61,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     time consecutively and 30 in single-round batch editing.
     """
 
-    ALG_NAMES: ClassVar[tuple[str, ...]] = ("COMEBA-HK", "MEMIT-C")
+    ALG_NAMES: ClassVar[tuple[str, ...]] = alg_names_of(f"{__name__}:COMEBAHKHyperParams")
 
     alg_name: str = "COMEBA-HK"
     batch_size: int = F(default=10, metadata={"range": (1, None), "help": "edits per consecutive step (EasyEdit chunk size)"})

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..devices import model_input_device
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
-from ..models import weight_shape_in_out
+from ..edit_modules import weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..models import weight_shape_in_out
+from ..edit_modules import weight_shape_in_out
 
 
 def get_module(model: nn.Module, name: str, field: str) -> nn.Module:

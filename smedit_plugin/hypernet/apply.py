@@ -6,20 +6,20 @@ singleton that could outlive the model (contract §1.3, §7.4).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import weakref
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..editing import WeightsSnapshot, edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 
-_EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, HypernetEditor]]" = weakref.WeakKeyDictionary()
+_EDITORS: "weakref.WeakKeyDictionary[nn.Module, _CachedEditor]" = weakref.WeakKeyDictionary()
 
 
 def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -39,11 +39,18 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
     return prompts, targets
 
 
+@dataclasses.dataclass(frozen=True)
+class _CachedEditor:
+    archive: tuple[str, Optional[float], str]  # path, meta.json mtime, hypernetwork device
+    hparams: HypernetHyperParams  # a private copy of the hparams the editor was loaded with
+    editor: HypernetEditor
+
+
 def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor:
     """The trained editor named by ``hparams.archive``, loaded once per (model, archive, archive mtime, hparams).
 
-    The hparams are part of the key because the editor keeps the ones it was loaded with
-    (``bp_steps``, ``micro_batch_size``, ...); a later call with other values must not reuse them.
+    The hparams are compared (as dataclasses, field by field) because the editor keeps the ones it
+    was loaded with (``bp_steps``, ``micro_batch_size``, ...); a later call with other values must not reuse them.
     """
     if not hparams.archive:
         raise ArchiveError(f"{hparams.alg_name} needs a trained hypernetwork: set `archive:` in the hparams to the "
@@ -51,16 +58,14 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
     meta_file = os.path.join(hparams.archive, "meta.json")
     stamp = os.path.getmtime(meta_file) if os.path.isfile(meta_file) else None
     device = hypernet_device(hparams)
-    key = (os.path.abspath(hparams.archive), stamp, str(device),
-           json.dumps(hparams.to_dict(), sort_keys=True, default=str))
-    per_model = _EDITORS.setdefault(model, {})
-    if key not in per_model:
+    archive = (os.path.abspath(hparams.archive), stamp, str(device))
+    cached = _EDITORS.get(model)
+    if cached is None or cached.archive != archive or cached.hparams != hparams:
         editor, _ = load_archive(hparams.archive, model, hparams, device=device)
-        per_model.clear()
-        per_model[key] = editor
-    editor = per_model[key]
-    editor.bind(model)
-    return editor
+        cached = _CachedEditor(archive, hparams.replace(), editor)
+        _EDITORS[model] = cached
+    cached.editor.bind(model)
+    return cached.editor
 
 
 def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str]) -> None:
@@ -80,17 +85,28 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
             w.requires_grad_(flag)
 
 
+def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],
+               snapshot: Optional[WeightsSnapshot] = None) -> WeightsSnapshot:
+    """The one road from (prompt, target) pairs to a hypernetwork weight update, used by every caller.
+
+    Runs :func:`apply_steps` inside an :func:`edit_transaction` and returns the snapshot of the
+    edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
+    back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
+    """
+    with edit_transaction(model, snapshot) as snapshot:
+        for name in editor.module_names:
+            snapshot.capture_module(name)
+        apply_steps(model, tok, editor, prompts, targets)
+    return snapshot
+
+
 def apply_hypernet_to_model(model: nn.Module, tok, requests: Sequence[dict[str, Any]], hparams: HypernetHyperParams,
                             copy: bool = False, return_orig_weights: bool = False, keep_original_weight: bool = False,
                             **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """EasyEdit apply function shared by SMEdit, MALMEN2/1 and RLEdit2/1 (extra kwargs are ignored)."""
     prompts, targets = validate_requests(requests)
     model = maybe_copy_model(model, copy)
-    editor = editor_for(model, hparams)
-    with edit_transaction(model) as snapshot:
-        for name in editor.module_names:
-            snapshot.capture_module(name)
-        apply_steps(model, tok, editor, prompts, targets)
+    snapshot = edit_batch(model, tok, editor_for(model, hparams), prompts, targets)
     return model, weights_copy_for_easyedit(snapshot, return_orig_weights=return_orig_weights,
                                             keep_original_weight=keep_original_weight)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
-from ..models import resolve_edit_modules
+from ..edit_modules import resolve_edit_modules
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams

@@ -10,6 +10,7 @@ import dataclasses
 from typing import ClassVar, Optional, Union
 
 from ..hparams import MethodHyperParams
+from ..methods import method_spec
 
 F = dataclasses.field
 
@@ -33,15 +34,11 @@ def _rank_fits(hp: "HypernetHyperParams") -> Optional[str]:
     return None
 
 
-def default_bp_steps(one_step_name: str):
-    """A check filling a null ``bp_steps``: 1 for the one-step baseline ``one_step_name``, else 2."""
-
-    def fill(hp: "HypernetHyperParams") -> Optional[str]:
-        if hp.bp_steps is None:
-            hp.bp_steps = 1 if hp.alg_name == one_step_name else 2
-        return None
-
-    return fill
+def _fill_bp_steps(hp: "HypernetHyperParams") -> Optional[str]:
+    """A null ``bp_steps`` takes the method's default from the table (1 for the one-step baselines)."""
+    if hp.bp_steps is None:
+        hp.bp_steps = method_spec(hp.alg_name).default_bp_steps
+    return None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,7 +70,7 @@ class HypernetHyperParams(MethodHyperParams):
     val_n_edits: int = F(default=64, metadata={"range": (1, None)})
     seed: int = 0
 
-    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _rank_fits)
+    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits)
     #: Method defaults for ``shared_hypernet`` when the field is null.
     SHARED_DEFAULT: ClassVar[str] = "always"
 
@@ -86,6 +83,23 @@ class HypernetHyperParams(MethodHyperParams):
         if self.SHARED_DEFAULT == "never":
             return False
         return num_seq == 1
+
+    # -- the meta-loss each method declares (read by MetaTrainer) ---------------------------
+    def locality_coef(self) -> float:
+        """Weight of the KL term on unrelated prompts; 0 = no such term (no reference logits are computed)."""
+        return 0.0
+
+    def shift_penalty_coef(self) -> float:
+        """Weight of the l2 penalty on each step's ``param_shift``; 0 = none."""
+        return 0.0
+
+    def trajectory_weights(self, batch_index: int) -> list[float]:
+        """Loss weights of batch ``batch_index`` of a trajectory and of earlier batches re-scored with it (newest first)."""
+        return [1.0]
+
+    def shift_penalty_scale(self, batch_index: int) -> float:
+        """Factor on the shift penalty of batch ``batch_index`` of a trajectory."""
+        return 1.0
 
     def step_ranks(self, num_seq: Optional[int] = None) -> list[int]:
         """Rank of each BP step's network (rank // s for step-specific networks with decay)."""

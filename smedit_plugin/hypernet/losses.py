@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..devices import model_input_device
+from ..text import answer_mask
 
-IGNORE_INDEX = -100
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels")
-
-
-def answer_mask(labels: Tensor) -> Tensor:
-    """Boolean ``[B, T]`` mask of the answer positions (whose logits predict answer tokens)."""
-    return labels != IGNORE_INDEX
 
 
 def check_micro_batch(batch: Mapping[str, Tensor]) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import EditRecord
+from ..editing import WeightsSnapshot
 from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -39,25 +40,6 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)
 
 
-def backtracking_weights(batch_index: int, back_depth: int, discount: float, time_decay: float) -> list[float]:
-    """RLEdit loss weights ``gamma^i * mu^j`` of batch ``i - j`` for j = 0 (current) .. ``back_depth - 1``.
-
-    Memory backtracking re-scores up to ``back_depth - 1`` earlier batches of the trajectory (fewer
-    at its start); ``gamma^i`` discounts late batches (spec §4.3, §7 item 5).
-    """
-    depth = min(batch_index + 1, back_depth)
-    return [discount ** batch_index * time_decay ** j for j in range(depth)]
-
-
-def _method_kind(hparams: HypernetHyperParams) -> str:
-    name = hparams.alg_name
-    if name.startswith("RLEdit"):
-        return "rledit"
-    if name == "SMEdit":
-        return "smedit"
-    return "malmen"
-
-
 class MetaTrainer:
     """Trains a :class:`HypernetEditor` on a model for one of the hypernetwork methods."""
 
@@ -66,7 +48,6 @@ class MetaTrainer:
         self.model = model
         self.tok = tok
         self.hp = hparams
-        self.kind = _method_kind(hparams)
         self.editor = editor if editor is not None else HypernetEditor(model, hparams, device=hypernet_device(hparams))
         self.sequential = hparams.num_seq > 1
         self.opt = optimizer if optimizer is not None else torch.optim.Adam(self.editor.unique_parameters(), lr=hparams.meta_lr)
@@ -123,7 +104,7 @@ class MetaTrainer:
         """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time."""
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
-        loc_coef = getattr(self.hp, "loc_coef", 0.0)
+        loc_coef = self.hp.locality_coef()
         for w, eq_mbs, un_mbs, ref in zip(weights, equiv, unrel, refs):
             for mb in eq_mbs:
                 loss = w * answer_cross_entropy(self.model, mb)
@@ -138,20 +119,19 @@ class MetaTrainer:
 
     def _add_shift_penalty(self, grads: dict[str, torch.Tensor], shifts: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
         """Gradient of ``reg_coef * ||param_shift||^2`` w.r.t. the shift (Eq. 7), added to ``G``."""
-        reg = getattr(self.hp, "reg_coef", 0.0)
+        reg = self.hp.shift_penalty_coef()
         if reg == 0:
             return grads
         return {n: grads.get(n, torch.zeros_like(shifts[n])).to(shifts[n].device) + 2.0 * reg * scale * shifts[n]
                 for n in shifts}
 
     # -- one unit --------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach().clone() for n, w in self.weights.items()}
-
-    @torch.no_grad()
-    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for n, w in self.weights.items():
-            w.copy_(snap[n])
+    def _snapshot(self) -> WeightsSnapshot:
+        """The edited weights before a training unit, which never keeps its edits."""
+        snapshot = WeightsSnapshot(self.model)
+        for name in self.editor.module_names:
+            snapshot.capture_module(name)
+        return snapshot
 
     def adam_updates_per_step(self) -> int:
         """1, or ``bp_steps`` when emulating the reference's shared network listed once per BP step in Adam."""
@@ -170,7 +150,7 @@ class MetaTrainer:
         """Batch mode: ``bp_steps`` stacked steps, an Adam step after each (step-wise updating)."""
         snap = self._snapshot()
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
-        refs = self._reference_logits(unrel) if getattr(self.hp, "loc_coef", 0.0) > 0 else []
+        refs = self._reference_logits(unrel) if self.hp.locality_coef() > 0 else []
         loss = 0.0
         try:
             for s in range(self.hp.bp_steps):
@@ -181,9 +161,9 @@ class MetaTrainer:
                 self.editor.meta_backward(rec, grads)
                 self._optimizer_step()
                 if not self.hp.cumulative_steps:
-                    self._restore(snap)
+                    snap.restore()
         finally:
-            self._restore(snap)
+            snap.restore()
         return loss
 
     def _train_trajectory(self, records: list[EditRecord]) -> float:
@@ -197,23 +177,20 @@ class MetaTrainer:
         try:
             for i, batch in enumerate(batches):
                 history.append((self._equiv_mbs(batch), self._unrel_mbs(batch)))
-                if self.kind == "rledit":
-                    weights = backtracking_weights(i, self.hp.back_depth, self.hp.discount, self.hp.time_decay)
-                    window = history[::-1][:len(weights)]  # j = 0 is the current batch
-                    refs = [self._reference_logits(un) for _, un in window] if self.hp.loc_coef > 0 else [[] for _ in window]
-                else:
-                    window, weights = history[-1:], [1.0]
-                    refs = [self._reference_logits(history[-1][1]) if getattr(self.hp, "loc_coef", 0.0) > 0 else []]
+                weights = self.hp.trajectory_weights(i)
+                window = history[::-1][:len(weights)]  # j = 0 is the current batch
+                with_kl = self.hp.locality_coef() > 0
+                refs = [self._reference_logits(un) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
                 recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True) for s in range(self.hp.bp_steps)]
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights)
                 total += loss
-                scale = self.hp.discount ** i if self.kind == "rledit" else 1.0
+                scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
                     self.editor.meta_backward(rec, self._add_shift_penalty(grads, rec.shifts, scale))
             self._optimizer_step()
         finally:
-            self._restore(snap)
+            snap.restore()
         return total
 
     # -- the loop --------------------------------------------------------------------------

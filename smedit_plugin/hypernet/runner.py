@@ -1,7 +1,14 @@
-"""Train / validate / edit-and-evaluate flows for the hypernetwork methods (used by the CLI and benchmarks)."""
+"""The hypernetwork family's runner: train or reuse an archive (one cache key), edit batches, roll back or keep.
+
+``smedit train``/``compare``/``demo``, the examples and the benchmarks come through here; the
+weight update itself is always :func:`~smedit_plugin.hypernet.apply.edit_batch`, the same call
+EasyEdit's apply function makes.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -12,7 +19,8 @@ from torch import nn
 
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
-from .apply import apply_steps
+from ..fileio import write_json_atomic
+from .apply import edit_batch
 from .archive import load_archive, read_meta, save_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -40,8 +48,7 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
     ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
     ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model.
     """
-    weights = {n: editor.edit_module(n).weight for n in editor.module_names}
-    snapshot = {n: w.detach().clone() for n, w in weights.items()}
+    snapshot = None
     reference = None
     if locality == "agreement":
         from ..evaluation import predict_locality_reference
@@ -53,7 +60,7 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
         for batch_no, i in enumerate(range(0, len(records), n_edits), start=1):
             chunk = records[i:i + n_edits]
             start = time.perf_counter()
-            apply_steps(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk])
+            snapshot = edit_batch(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk], snapshot)
             edit_seconds += time.perf_counter() - start
             if after_batch is not None:
                 after_batch(batch_no)
@@ -65,9 +72,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
         metrics = evaluate_records(model, tok, list(records), dataset=dataset, locality=locality, reference=reference,
                                    progress=progress)
     finally:
-        with torch.no_grad():
-            for n, w in weights.items():
-                w.copy_(snapshot[n])
+        if snapshot is not None:
+            snapshot.restore()
     metrics["edit_seconds"] = edit_seconds
     if curve_every:
         metrics["curve"] = curve + [{"num_seq": -(-len(records) // n_edits), **{k: metrics[k] for k in METRICS}}]
@@ -105,4 +111,60 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
     if val_records:
         state.history.append({"unit": state.units_done, "final_val": validate()})
     save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state)
-    return TrainResult(out, state, state.seconds - seconds_before, state.edits_seen - edits_before)
+    result = TrainResult(out, state, state.seconds - seconds_before, state.edits_seen - edits_before)
+    meta = json.loads((out / "meta.json").read_text())
+    meta.update({"complete": True, "train_s_per_edit": result.seconds_per_edit})
+    write_json_atomic(out / "meta.json", meta)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedArchive:
+    """An archive ready to edit with, and what training it cost (None when an earlier run trained it)."""
+
+    path: Path
+    train_s_per_edit: Optional[float]
+    trained: Optional[TrainResult] = None  # this call's training, None when the archive was reused
+
+    @property
+    def trained_now(self) -> bool:
+        return self.trained is not None
+
+
+def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: str, train_data: Path) -> str:
+    """The one cache key of a trained archive: method, model, dataset, every training field and the data bytes."""
+    h = hashlib.sha256()
+    for part in (train_hp.alg_name, model_key, dataset, train_hp.to_dict(), train_data):
+        if isinstance(part, Path) and part.is_file():
+            h.update(part.read_bytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def archive_path(train_hp: HypernetHyperParams, *, train_data: Path, model_key: str, dataset: str, root: Path,
+                 label: str) -> Path:
+    """Where :func:`train_or_reuse` keeps the archive of these settings; ``label`` only makes the name readable."""
+    key = archive_fingerprint(train_hp, model_key, dataset, train_data)
+    return root / f"{train_hp.alg_name}-{model_key}-{dataset}-{label}-{key}"
+
+
+def ensure_trained(model: nn.Module, tok, train_hp: HypernetHyperParams, train_records: Sequence[EditRecord],
+                   archive: Path, *, model_key: str, dataset: str, retrain: bool = False,
+                   progress: bool = True) -> TrainedArchive:
+    """``archive`` as it is when a completed training wrote it, else trained (or resumed, unless ``retrain``) now."""
+    if not retrain and (archive / "meta.json").is_file() and read_meta(archive).get("complete"):
+        return TrainedArchive(archive, read_meta(archive).get("train_s_per_edit"))
+    result = train_hypernet(model, tok, train_hp, train_records, archive, model_name=model_key, dataset=dataset,
+                            progress=progress, resume=not retrain)
+    return TrainedArchive(archive, result.seconds_per_edit, result)
+
+
+def train_or_reuse(model: nn.Module, tok, train_hp: HypernetHyperParams, train_records: Sequence[EditRecord], *,
+                   train_data: Path, model_key: str, dataset: str, root: Path, label: str, retrain: bool = False,
+                   progress: bool = True) -> TrainedArchive:
+    """The cached archive of these training settings under ``root`` (:func:`archive_fingerprint` is the one key)."""
+    archive = archive_path(train_hp, train_data=train_data, model_key=model_key, dataset=dataset, root=root,
+                           label=label)
+    return ensure_trained(model, tok, train_hp, train_records, archive, model_key=model_key, dataset=dataset,
+                          retrain=retrain, progress=progress)

@@ -1,0 +1,300 @@
+"""Running ``smedit compare``: the unedited row, then one runner per method on one shared :class:`RunContext`.
+
+Each method is trained (or its archive reused) on the same training records, edits the same
+evaluation records and is scored on the final model; the model is rolled back after each method.
+``easyedit:<METHOD>`` entries run EasyEdit's own methods through its ``BaseEditor``, and
+``via_easyedit`` also runs the plugin's methods through ``BaseEditor`` so EasyEdit's metric dicts
+can be checked against ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TypedDict
+
+from torch import nn
+
+from ..data import EditRecord, load_records
+from ..easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_through_editor, seed_covariance_from_text,
+                             summarise_metrics)
+from ..editing import WeightsSnapshot
+from ..evaluation import evaluate_records, predict_locality_reference
+from ..fileio import cache_dir
+from ..methods import METHODS
+from .config import (METRIC_NAMES, CompareConfig, MethodEntry, builtin_hparams_dir, check_config, method_hparams,
+                     method_hparams_for)
+
+Probe = Callable[[int], None]
+
+
+class MethodRow(TypedDict, total=False):
+    """What a runner returns for one method; ``run_compare`` adds the run's settings and ``peak_rss_mb``."""
+
+    efficacy: Optional[float]
+    generalization: Optional[float]
+    specificity: Optional[float]
+    average: float
+    train_s_per_edit: Optional[float]
+    edit_s_per_edit: Optional[float]
+    batch_size: int
+    archive: str
+    curve: list[dict[str, Any]]
+    error: str
+    easyedit: dict[str, Any]
+    easyedit_mode: str
+    easyedit_error: str
+    via_easyedit: dict[str, Optional[float]]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything the runners of one compare run share: settings, model, records, locality reference."""
+
+    cfg: CompareConfig
+    model: nn.Module
+    tok: Any
+    train: Sequence[EditRecord]
+    evaluation: Sequence[EditRecord]
+    reference: Optional[list]
+
+    def score(self, records: Sequence[EditRecord], reference: Optional[list], progress: bool = False) -> dict[str, Any]:
+        """The protocol's metrics: the SMEdit paper's for batch/sequential, the COMEBA-HK paper's otherwise."""
+        if self.cfg.locate:
+            return evaluate_records(self.model, self.tok, list(records), dataset=self.cfg.dataset,
+                                    locality="agreement", reference=reference, scoring="accuracy", progress=progress)
+        return evaluate_records(self.model, self.tok, list(records), dataset=self.cfg.dataset, progress=progress)
+
+    def general(self) -> dict[str, Any]:
+        """GLUE-style accuracy and perplexity of the model as it is now."""
+        from ..general import general_report
+
+        cfg = self.cfg
+        report = general_report(self.model, self.tok, n_items=cfg.general_items, ppl_tokens=cfg.general_tokens,
+                                progress=cfg.progress)
+        return {"glue": report["glue"], "perplexity": report["perplexity"], "seconds": report["seconds"]}
+
+    def general_probe(self, points: list[dict[str, Any]]) -> Optional[Probe]:
+        """``probe(batch_no)``: the general-capability report after every ``general_every``-th and the last batch."""
+        if not self.cfg.general_every:
+            return None
+
+        def probe(batch_no: int) -> None:
+            if batch_no % self.cfg.general_every == 0 or batch_no == self.cfg.num_seq:
+                points.append({"num_seq": batch_no, **self.general()})
+        return probe
+
+
+def local_text() -> Path:
+    """The bundled WikiText-2 text that stands in for EasyEdit's covariance corpus download."""
+    from ..comeba_hk.covariance import WIKITEXT2, corpus_path
+
+    return corpus_path(WIKITEXT2)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _weighted(pairs: Sequence[tuple[int, Optional[float]]]) -> Optional[float]:
+    pairs = [(n, v) for n, v in pairs if v is not None]
+    return sum(n * v for n, v in pairs) / sum(n for n, _ in pairs) if pairs else None
+
+
+def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
+    """A hypernetwork method: train or reuse its archive, edit the batches (they accumulate), score, roll back."""
+    from ..hypernet.archive import load_archive
+    from ..hypernet.runner import edit_and_evaluate, train_or_reuse
+
+    cfg = ctx.cfg
+    train_hp = method_hparams_for(entry.method, cfg.model, training=True, sequential=cfg.protocol == "sequential")
+    train_hp = train_hp.replace(**entry.overrides, n_edits=cfg.n_edits, num_seq=cfg.num_seq, val_n_edits=cfg.n_edits,
+                                max_steps=-1)
+    trained = train_or_reuse(ctx.model, ctx.tok, train_hp, ctx.train, train_data=cfg.train_data, model_key=cfg.model,
+                             dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
+                             label=cfg.protocol, retrain=cfg.retrain, progress=cfg.progress)
+    editor, _ = load_archive(trained.path, ctx.model, train_hp)
+    metrics = edit_and_evaluate(ctx.model, ctx.tok, editor, list(ctx.evaluation), n_edits=cfg.n_edits,
+                                dataset=cfg.dataset, curve_every=cfg.curve_every, progress=cfg.progress,
+                                after_batch=probe)
+    row = MethodRow(train_s_per_edit=trained.train_s_per_edit,
+                    edit_s_per_edit=metrics["edit_seconds"] / len(ctx.evaluation), archive=str(trained.path),
+                    **{k: metrics[k] for k in METRIC_NAMES})
+    if "curve" in metrics:
+        row["curve"] = metrics["curve"]
+    return row
+
+
+def locate_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
+    """COMEBA-HK / MEMIT-C: consecutive batches that accumulate, or single rounds rolled back after each batch.
+
+    Under the batch and sequential protocols the same code edits ``num_seq`` batches of ``n_edits``
+    (one step per batch), scored like the hypernetwork methods beside it. Metrics follow the
+    COMEBA-HK paper: reliability / generality as teacher-forced token accuracy and locality as
+    agreement with the unedited model's predictions, plus their ``average``.
+    """
+    from ..comeba_hk.runner import LocateEditRun
+
+    cfg, evaluation, reference = ctx.cfg, ctx.evaluation, ctx.reference
+    hp = method_hparams(entry.method, cfg.model, training=False).replace(**entry.overrides, batch_size=cfg.chunk_size)
+    run = LocateEditRun(ctx.model, ctx.tok, hp)
+    starts = range(0, len(evaluation), cfg.chunk_size)
+    edit_seconds, scores = 0.0, []
+    try:
+        for batch_no, i in enumerate(starts, start=1):
+            batch = list(evaluation[i:i + cfg.chunk_size])
+            start = time.perf_counter()
+            run.edit(batch)
+            edit_seconds += time.perf_counter() - start
+            if probe is not None:
+                probe(batch_no)
+            if cfg.protocol == "single-round":
+                ref = None if reference is None else reference[i:i + cfg.chunk_size]
+                scores.append((len(batch), ctx.score(batch, ref)))
+                run.roll_back()
+        if cfg.protocol != "single-round":
+            scores.append((len(evaluation), ctx.score(evaluation, reference, cfg.progress)))
+    finally:
+        run.roll_back()
+    metrics = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
+    return MethodRow(train_s_per_edit=None, edit_s_per_edit=edit_seconds / len(evaluation), **metrics,
+                     average=sum(metrics.values()) / 3, batch_size=cfg.chunk_size)
+
+
+def _through_easyedit(ctx: RunContext, hparams: Any, probe: Optional[Probe] = None) -> dict[str, Any]:
+    """Edit the evaluation records under the protocol with EasyEdit's ``BaseEditor``, score them our way, roll back.
+
+    Returns our metrics plus ``easyedit`` (EasyEdit's own per-record metric dicts, averaged). The
+    model is restored bit-exactly afterwards, whatever happened (every parameter is snapshotted,
+    COMEBA-HK hook state is removed).
+    """
+    from ..comeba_hk.runner import roll_back
+
+    cfg, model, tok, evaluation, reference = ctx.cfg, ctx.model, ctx.tok, ctx.evaluation, ctx.reference
+    snapshot = WeightsSnapshot(model)
+    for name, _ in model.named_parameters():
+        snapshot.capture(name)
+    chunks = [list(evaluation[i:i + cfg.chunk_size]) for i in range(0, len(evaluation), cfg.chunk_size)]
+    scores, easyedit_metrics, seconds, mode = [], [], 0.0, ""
+    try:
+        if cfg.protocol == "single-round":
+            for chunk in chunks:
+                ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(chunk)]
+                run = run_through_editor(hparams, model, tok, chunk, cfg.chunk_size)
+                seconds, mode = seconds + run.edit_seconds, run.mode
+                easyedit_metrics.extend(run.metrics)
+                scores.append((len(chunk), ctx.score(chunk, ref)))
+                roll_back(model, snapshot)
+        else:
+            step = cfg.general_every if probe is not None else len(chunks)
+            for first in range(0, len(chunks), step):
+                group = [record for chunk in chunks[first:first + step] for record in chunk]
+                run = run_through_editor(hparams, model, tok, group, cfg.chunk_size)
+                seconds, mode = seconds + run.edit_seconds, run.mode
+                easyedit_metrics.extend(run.metrics)
+                if probe is not None:
+                    probe(min(first + step, len(chunks)))
+            scores.append((len(evaluation), ctx.score(evaluation, reference, cfg.progress)))
+    finally:
+        roll_back(model, snapshot)
+    ours = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
+    return {**ours, "edit_s_per_edit": seconds / len(evaluation), "easyedit_mode": mode,
+            "easyedit": summarise_metrics(easyedit_metrics)}
+
+
+def builtin_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
+    """An EasyEdit built-in method with EasyEdit's own YAML; a row that says why if it cannot run here."""
+    cfg = ctx.cfg
+    try:
+        hp = load_builtin_hparams(entry.method, cfg.model, cfg.easyedit_hparams or builtin_hparams_dir())
+        if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
+            hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
+            seed_covariance_from_text(hp, ctx.model, ctx.tok, local_text())
+        row = _through_easyedit(ctx, hp, probe)
+    except (EasyEditUnavailable, FileNotFoundError) as exc:
+        return MethodRow(**dict.fromkeys(METRIC_NAMES), train_s_per_edit=None, edit_s_per_edit=None, error=str(exc))
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        return MethodRow(**dict.fromkeys(METRIC_NAMES), train_s_per_edit=None, edit_s_per_edit=None,
+                         error=f"EasyEdit's {entry.method} failed on this model: {type(exc).__name__}: {exc}")
+    if cfg.locate:
+        row["average"] = sum(row[k] for k in METRIC_NAMES) / 3
+    return MethodRow(**row, train_s_per_edit=None)
+
+
+def via_easyedit(ctx: RunContext, entry: MethodEntry, row: MethodRow) -> MethodRow:
+    """The plugin method again, end to end through ``BaseEditor``: EasyEdit's metrics and ours on that run."""
+    cfg = ctx.cfg
+    if not METHODS[entry.method].needs_archive:
+        hp = method_hparams(entry.method, cfg.model, training=False).replace(**entry.overrides,
+                                                                             batch_size=cfg.chunk_size)
+    else:
+        hp = method_hparams_for(entry.method, cfg.model, training=False, sequential=cfg.protocol == "sequential")
+        hp = hp.replace(**entry.overrides, archive=row["archive"])
+    try:
+        result = _through_easyedit(ctx, hp)
+    except EasyEditUnavailable as exc:
+        return MethodRow(easyedit_error=str(exc))
+    return MethodRow(easyedit=result["easyedit"], easyedit_mode=result["easyedit_mode"],
+                     via_easyedit={k: result[k] for k in METRIC_NAMES})
+
+
+def _runner(entry: MethodEntry) -> Callable[[RunContext, MethodEntry, Optional[Probe]], MethodRow]:
+    if entry.builtin:
+        return builtin_row
+    return hypernet_row if METHODS[entry.method].needs_archive else locate_row
+
+
+def run_compare(cfg: CompareConfig, model: Optional[nn.Module] = None, tok: Any = None) -> list[dict[str, Any]]:
+    """Train/evaluate every method of ``cfg`` and return one row per method, after the unedited model's row.
+
+    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files).
+    """
+    check_config(cfg)
+    if cfg.locate:
+        cfg = dataclasses.replace(cfg, num_seq=-(-cfg.n_edits // cfg.batch_size))
+    entries = [MethodEntry.parse(text) for text in cfg.methods]
+    train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
+    needs_training = [e.method for e in entries if not e.builtin and METHODS[e.method].needs_archive]
+    if needs_training and not train:
+        raise ValueError(f"{', '.join(needs_training)} need --train-data to train their hypernetworks")
+    total = cfg.n_edits if cfg.locate else cfg.n_edits * cfg.num_seq
+    evaluation = load_records(cfg.eval_data, cfg.dataset)[:total]
+    if len(evaluation) < total:
+        raise ValueError(f"{cfg.eval_data} has {len(evaluation)} usable records, fewer than n_edits * num_seq = {total}")
+    if model is None:
+        from ..models import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(cfg.model)
+    reference = predict_locality_reference(model, tok, list(evaluation)) if cfg.locate else None
+    ctx = RunContext(cfg, model, tok, train, evaluation, reference)
+    base = {"model": cfg.model, "dataset": cfg.dataset, "protocol": cfg.protocol, "n_edits": cfg.n_edits,
+            "num_seq": cfg.num_seq}
+    if cfg.locate:
+        base["batch_size"] = cfg.batch_size
+    start = time.perf_counter()
+    unedited = ctx.score(evaluation, reference, cfg.progress)
+    rows = [{"method": "unedited", **base, **{k: unedited[k] for k in METRIC_NAMES}, "train_s_per_edit": None,
+             "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(), "eval_seconds": time.perf_counter() - start,
+             "scoring": unedited["scoring"]}]
+    if cfg.locate:
+        rows[0]["average"] = sum(unedited[k] for k in METRIC_NAMES) / 3
+    if cfg.general_every:
+        rows[0]["general"] = [{"num_seq": 0, **ctx.general()}]
+    for entry in entries:
+        points: list[dict[str, Any]] = []
+        result: dict[str, Any] = dict(_runner(entry)(ctx, entry, ctx.general_probe(points)))
+        if entry.overrides:
+            result["overrides"] = entry.overrides
+        if cfg.via_easyedit and not entry.builtin:
+            result.update(via_easyedit(ctx, entry, result))
+        if points:
+            result["general"] = points
+        rows.append({"method": entry.text, **base, **result, "peak_rss_mb": peak_rss_mb(),
+                     "scoring": unedited["scoring"]})
+    return rows

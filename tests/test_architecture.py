@@ -1,0 +1,177 @@
+"""Structural rules of the package: no import cycles, no import-order dependence, one method table."""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "smedit_plugin"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> plugin modules it imports anywhere in its body (module level and inside functions)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a list of modules (first == last), or [] when the graph is acyclic."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_cycle_finder_sees_function_level_imports() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+    graph = import_graph()
+    assert "smedit_plugin.methods" in graph["smedit_plugin.hparams"]
+    assert "smedit_plugin.easyedit" in graph["smedit_plugin.registry"]  # imported inside register()
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    cycle = find_cycle(import_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+_PROBE = r"""
+import dataclasses, json, sys
+
+
+def import_easyeditor():
+    from smedit_plugin import easyedit  # the wheel needs the shim; neither touches the hparams modules
+    easyedit.install_transformers_shim()
+    easyedit.import_easyeditor(tolerate_missing_vision=True)
+
+
+order = sys.argv[1]
+if order == "before":
+    import_easyeditor()
+from smedit_plugin.hparams import HyperParamsError, read_config
+from smedit_plugin.methods import METHODS
+classes = {name: spec.hparams_class() for name, spec in METHODS.items()}
+if order == "after":
+    import_easyeditor()
+assert ("easyeditor" in sys.modules) == (order != "never")
+out = {}
+for name, cls in classes.items():
+    fields = {f.name: "<required>" if f.default is dataclasses.MISSING else repr(f.default)
+              for f in dataclasses.fields(cls)}
+    config, _ = read_config(f"{name}/smollm2-135m")
+    loaded = cls.from_dict(config).to_dict()
+    errors = []
+    for bad in ({"batch_size": 0}, {"max_length": "long"}, {"alg_name": "nope"}, {"batch_sise": 1}):
+        try:
+            cls.from_dict({**config, **bad})
+        except HyperParamsError as exc:
+            errors.append(str(exc))
+    out[name] = {"mro": [c.__module__ + "." + c.__qualname__ for c in cls.__mro__], "fields": fields,
+                 "loaded": repr(loaded), "errors": errors}
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def _probe(order: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE, order], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _has_easyeditor() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("easyeditor") is not None
+
+
+@pytest.mark.parametrize("order", [
+    pytest.param("before", marks=pytest.mark.skipif(not _has_easyeditor(), reason="easyeditor is not installed")),
+    pytest.param("after", marks=pytest.mark.skipif(not _has_easyeditor(), reason="easyeditor is not installed")),
+])
+def test_hparams_classes_do_not_depend_on_import_order(order: str) -> None:
+    assert _probe(order) == _probe("never")
+
+
+def test_hparams_classes_in_a_fresh_process_without_easyeditor() -> None:
+    result = _probe("never")
+    assert set(result) == {"SMEdit", "MALMEN2", "MALMEN1", "RLEdit2", "RLEdit1", "COMEBA-HK", "MEMIT-C"}
+    assert all(not any("easyeditor" in c for c in entry["mro"]) for entry in result.values())
+    assert all(len(entry["errors"]) == 4 for entry in result.values())
+
+
+def _string_constants(tree: ast.AST) -> list[tuple[int, str]]:
+    """String literals that are not docstrings (docstrings may name methods)."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_method_names_live_only_in_the_table_and_their_folders() -> None:
+    from smedit_plugin.methods import METHODS
+
+    folders = {spec.name: spec.hparams_path.split(":")[0].split(".")[1] for spec in METHODS.values()}
+    names = set(METHODS)
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel == Path("methods.py"):
+            continue
+        for line, value in _string_constants(ast.parse(path.read_text(encoding="utf-8"))):
+            for name in names:
+                if name in value and rel.parts[0] != folders[name]:
+                    found.add(f"{rel}:{line}: {value!r}")
+    assert not found, "method names outside the table and their folders:\n" + "\n".join(sorted(found))
