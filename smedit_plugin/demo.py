@@ -108,7 +108,6 @@ def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool
 
 def run_demo(args: argparse.Namespace) -> int:
     from .data import to_requests
-    from .editing import restore_weights_copy
     from .evaluation import evaluate_records
     from .fileio import write_json_atomic
     from .gguf_convert import is_converted
@@ -136,15 +135,14 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"editing {len(records)} unseen ZsRE facts into {MODEL_KEY} with {args.method} in one batch "
           f"(hparams {hp_name})")
     start = time.perf_counter()
-    model, weights_copy = spec.apply_function()(model, tok, to_requests(records), hp, return_orig_weights=True,
-                                                keep_original_weight=True)
+    # the process ends after the report, so the edit is not rolled back
+    model, _ = spec.apply_function()(model, tok, to_requests(records), hp)
     edit_label = "edit" + (" (first run also computes key statistics, then cached)" if not spec.needs_archive else "")
     timings[edit_label] = time.perf_counter() - start
     start = time.perf_counter()
     after = greedy_answers(model, tok, prompts, targets)
     post = evaluate_records(model, tok, records, dataset="zsre", progress=False)
     timings["evaluate after"] = time.perf_counter() - start
-    restore_weights_copy(model, weights_copy)
 
     rows = [{"prompt": p, "target_new": t, "before": b, "after": a, "gives_target": gives_target(a, t)}
             for p, t, b, a in zip(prompts, targets, before, after)]
@@ -164,12 +162,8 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answers_table(rows: list[dict[str, Any]], width: int = 44) -> str:
+def _answers_table(rows: list[dict[str, Any]]) -> str:
     cut = lambda s, w: s if len(s) <= w else s[: w - 1] + "…"
-    head = f"{'prompt':<{width}}  {'new target':<22}  {'answer before':<22}  {'answer after':<22}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mark = "✓" if r["gives_target"] else " "
-        lines.append(f"{cut(r['prompt'], width):<{width}}  {cut(r['target_new'], 22):<22}  "
-                     f"{cut(r['before'], 22):<22}  {cut(r['after'], 20):<20} {mark}")
-    return "\n".join(lines)
+    lines = [[cut(r["prompt"], 44), cut(r["target_new"], 22), cut(r["before"], 22), cut(r["after"], 22),
+              "✓" if r["gives_target"] else ""] for r in rows]
+    return format_table(["prompt", "new target", "answer before", "answer after", ""], lines, left=5)

@@ -123,14 +123,6 @@ def weights_copy_for_easyedit(snapshot: WeightsSnapshot, *, return_orig_weights:
     return snapshot.as_weights_copy()
 
 
-@torch.no_grad()
-def restore_weights_copy(model: nn.Module, weights_copy: dict[str, torch.Tensor]) -> None:
-    """Undo an edit the way EasyEdit's editor does: copy each saved tensor back into its parameter."""
-    for name, saved in weights_copy.items():
-        param = model.get_parameter(name)
-        param.copy_(saved.to(device=param.device, dtype=param.dtype))
-
-
 def maybe_copy_model(model: nn.Module, copy: bool) -> nn.Module:
     """``model`` itself, or a deep copy of it when ``copy`` is True (EasyEdit's ``copy`` flag)."""
     return copy_module.deepcopy(model) if copy else model
