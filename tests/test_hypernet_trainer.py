@@ -287,9 +287,9 @@ def test_rledit2_trajectory_scores_the_backtracking_window(tiny4, records, monke
     calls: list[tuple[list, list[float]]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights):
+    def spy(equiv, unrel, refs, weights, prefix):
         calls.append((equiv, list(weights)))
-        return meta_loss(equiv, unrel, refs, weights)
+        return meta_loss(equiv, unrel, refs, weights, prefix)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trajectory = trainer._batches(records)[0]
@@ -317,9 +317,9 @@ def test_malmen_sequential_keeps_its_kl_term(tiny4, records, monkeypatch) -> Non
     calls: list[tuple[list, list]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights):
+    def spy(equiv, unrel, refs, weights, prefix):
         calls.append((unrel, refs))
-        return meta_loss(equiv, unrel, refs, weights)
+        return meta_loss(equiv, unrel, refs, weights, prefix)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trainer.train(records, progress=False)

@@ -77,8 +77,9 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
     try:
         for w in weights:
             w.requires_grad_(True)
+        prefix = editor.frozen_prefix(model)
         for s in range(editor.hparams.bp_steps):
-            editor.bp_step(model, mbs, s, update_normaliser=False)
+            editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):

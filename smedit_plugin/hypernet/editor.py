@@ -18,6 +18,7 @@ from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
+from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
 
@@ -92,10 +93,14 @@ class HypernetEditor(nn.Module):
                 for i in range(0, len(prompts), size)]
 
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
-                update_normaliser: bool) -> StepRecord:
-        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it."""
+                update_normaliser: bool, prefix: Optional[FrozenPrefix] = None) -> StepRecord:
+        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
+
+        ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
+        """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
-        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device)
+        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device,
+                                            prefix=prefix)
         if update_normaliser:
             for pos, name in enumerate(self.module_names):
                 self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
@@ -107,6 +112,10 @@ class HypernetEditor(nn.Module):
             shifts[name], solvers[name] = shift, solver
             add_param_shift_(self._modules_ref[name], shift)
         return StepRecord(step, caches, shifts, solvers)
+
+    def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
+        """A :class:`FrozenPrefix` for this editor's modules, or None when ``reuse_frozen_prefix`` is off."""
+        return FrozenPrefix(model, self.module_names) if self.hparams.reuse_frozen_prefix else None
 
     def meta_backward(self, record: StepRecord, weight_grads: dict[str, torch.Tensor]) -> None:
         """Accumulate the hypernetwork gradient of a loss whose weight gradients are ``weight_grads``."""

@@ -26,6 +26,7 @@ from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 from .losses import answer_cross_entropy, answer_logits, kl_locality
+from .prefix import FrozenPrefix, forward_context
 from .shifts import to_in_out
 
 
@@ -96,23 +97,29 @@ class MetaTrainer:
                 grads[name] = grads[name] + g if name in grads else g
 
     @torch.no_grad()
-    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [answer_logits(self.model, mb).float() for mb in mbs]
+    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix]) -> list[torch.Tensor]:
+        refs = []
+        for mb in mbs:
+            with forward_context(prefix, mb):
+                refs.append(answer_logits(self.model, mb).float())
+        return refs
 
     def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[torch.Tensor]],
-                         weights: list[float]) -> tuple[dict[str, torch.Tensor], float]:
+                         weights: list[float], prefix: Optional[FrozenPrefix]) -> tuple[dict[str, torch.Tensor], float]:
         """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time."""
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
         loc_coef = self.hp.locality_coef()
         for w, eq_mbs, un_mbs, ref in zip(weights, equiv, unrel, refs):
             for mb in eq_mbs:
-                loss = w * answer_cross_entropy(self.model, mb)
+                with forward_context(prefix, mb):
+                    loss = w * answer_cross_entropy(self.model, mb)
                 total += float(loss.detach())
                 self._grad_of(loss, grads)
             if loc_coef > 0:
                 for mb, ref_logits in zip(un_mbs, ref):
-                    loss = w * loc_coef * kl_locality(ref_logits, answer_logits(self.model, mb))
+                    with forward_context(prefix, mb):
+                        loss = w * loc_coef * kl_locality(ref_logits, answer_logits(self.model, mb))
                     total += float(loss.detach())
                     self._grad_of(loss, grads)
         return grads, total
@@ -149,13 +156,14 @@ class MetaTrainer:
     def _train_batch(self, batch: list[EditRecord]) -> float:
         """Batch mode: ``bp_steps`` stacked steps, an Adam step after each (step-wise updating)."""
         snap = self._snapshot()
+        prefix = self.editor.frozen_prefix(self.model)
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
-        refs = self._reference_logits(unrel) if self.hp.locality_coef() > 0 else []
+        refs = self._reference_logits(unrel, prefix) if self.hp.locality_coef() > 0 else []
         loss = 0.0
         try:
             for s in range(self.hp.bp_steps):
-                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True)
-                grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0])
+                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
+                grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0], prefix)
                 grads = self._add_shift_penalty(grads, rec.shifts, 1.0)
                 self.opt.zero_grad(set_to_none=True)
                 self.editor.meta_backward(rec, grads)
@@ -169,6 +177,7 @@ class MetaTrainer:
     def _train_trajectory(self, records: list[EditRecord]) -> float:
         """Sequential mode: ``num_seq`` batches whose edits accumulate; one Adam step at the end."""
         snap = self._snapshot()
+        prefix = self.editor.frozen_prefix(self.model)
         n = self.hp.n_edits
         batches = [records[i:i + n] for i in range(0, len(records), n)]
         history: list[tuple[list, list]] = []
@@ -180,10 +189,12 @@ class MetaTrainer:
                 weights = self.hp.trajectory_weights(i)
                 window = history[::-1][:len(weights)]  # j = 0 is the current batch
                 with_kl = self.hp.locality_coef() > 0
-                refs = [self._reference_logits(un) if with_kl else [] for _, un in window]
+                refs = [self._reference_logits(un, prefix) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
-                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True) for s in range(self.hp.bp_steps)]
-                grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights)
+                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
+                        for s in range(self.hp.bp_steps)]
+                grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
+                                                    prefix)
                 total += loss
                 scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
