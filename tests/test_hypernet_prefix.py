@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from smedit_plugin.data import EditRecord, load_records
-from smedit_plugin.hypernet.apply import edit_batch
+from smedit_plugin.hypernet.editor import edit_batch
 from smedit_plugin.hypernet.cache import cache_keys_and_value_grads
 from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.hypernet.losses import answer_cross_entropy

@@ -366,3 +366,74 @@ def test_reference_adam_duplicates_equals_adam_with_the_shared_network_listed_pe
     for name, value in reference.items():
         torch.testing.assert_close(emulated[name], value, rtol=1e-6, atol=1e-9, msg=name)
     assert any(not torch.allclose(plain[n], reference[n]) for n in reference)  # the switch changes training
+
+
+# -- training budget: per-epoch validation, best networks kept, early stopping ----------------------------------
+
+def _budget_trainer(tiny4, **extra) -> MetaTrainer:
+    hp = SMEditHyperParams(**{**SMALL, "max_steps": -1, "n_epochs": 4, **extra})
+    torch.manual_seed(0)
+    return MetaTrainer(fresh(tiny4), tiny4[1], hp)
+
+
+def test_validation_after_every_epoch_keeps_the_best_networks(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4)
+    val_losses = iter([3.0, 1.0, 2.0, 1.5])  # the best is after epoch 2
+    saved: list[tuple[int, dict]] = []
+
+    def checkpoint(t: MetaTrainer) -> None:
+        saved.append((t.state.units_done, copy.deepcopy(t.editor.nets.state_dict())))
+
+    state = trainer.train(records[:4], validate=lambda: {"loss": next(val_losses)}, checkpoint=checkpoint,
+                          progress=False)
+    per_epoch = trainer.units_per_epoch(4)
+    assert per_epoch == 2 and state.units_done == 8
+    assert [e["unit"] for e in state.history if "val" in e] == [2, 4, 6, 8]
+    assert [u for u, _ in saved] == [2, 4]  # the archive is written only when the validation loss improves
+    assert state.best_unit == 4 and state.best_val_loss == 1.0 and not state.stopped_early
+    for name, value in trainer.editor.nets.state_dict().items():  # the editor ends with the best networks
+        assert torch.equal(value, saved[-1][1][name]), name
+    assert not all(torch.equal(v, saved[0][1][k]) for k, v in saved[-1][1].items())
+
+
+def test_early_stopping_after_patience_validations_without_improvement(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, early_stop_patience=2)
+    val_losses = iter([1.0, 1.5, 1.2, 0.5])
+    state = trainer.train(records[:4], validate=lambda: {"loss": next(val_losses)}, progress=False)
+    assert state.stopped_early and state.units_done == 6 and state.best_unit == 2
+    assert state.stale_validations == 2
+
+
+def test_validation_loss_of_networks_that_do_not_edit_is_the_unedited_rephrase_loss(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, n_edits=2)
+    for nets in trainer.editor.nets:
+        for net in nets.values():
+            torch.nn.init.zeros_(net.lr.weight)  # every shift is zero
+    before = params_of(trainer.model)
+    val = records[4:8]
+    with torch.no_grad():
+        expected = sum(float(answer_cross_entropy(trainer.model, mb)) for mb in trainer._equiv_mbs(val)) / 2
+    assert trainer.validation_loss(val) == pytest.approx(expected, rel=1e-6)
+    assert_same_params(trainer.model, before)
+    with pytest.raises(ValueError, match="n_edits"):
+        trainer.validation_loss(val[:1])
+
+
+def test_validation_loss_falls_when_the_networks_edit_towards_the_targets(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, n_edits=4, lr=1e-1)
+    val = records[4:8]
+    edited = trainer.validation_loss(val)
+    for nets in trainer.editor.nets:
+        for net in nets.values():
+            torch.nn.init.zeros_(net.lr.weight)
+    assert edited < trainer.validation_loss(val)
+
+
+def test_split_validation_is_seeded_disjoint_and_complete(records) -> None:
+    from smedit_plugin.hypernet.runner import split_validation
+
+    train, val = split_validation(records, 0.25, seed=3)
+    assert len(val) == 3 and len(train) == 9
+    assert {id(r) for r in train}.isdisjoint({id(r) for r in val})
+    assert [r.prompt for r in train] == [r.prompt for r in records if all(r is not v for v in val)]
+    assert split_validation(records, 0.25, seed=3)[1] == val and split_validation(records, 0.25, seed=4)[1] != val

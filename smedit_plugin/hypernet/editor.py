@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..editing import WeightsSnapshot, edit_transaction
 from ..edit_modules import resolve_edit_modules
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
@@ -136,3 +137,36 @@ class HypernetEditor(nn.Module):
         for nets in self.nets:
             for net in nets.values():
                 net.normaliser.frozen = frozen
+
+
+def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str]) -> None:
+    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen."""
+    mbs = editor.edit_micro_batches(tok, prompts, targets)
+    weights = [editor.edit_module(n).weight for n in editor.module_names]
+    flags = [w.requires_grad for w in weights]
+    editor.set_normaliser_frozen(True)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        prefix = editor.frozen_prefix(model)
+        for s in range(editor.hparams.bp_steps):
+            editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix)
+    finally:
+        editor.set_normaliser_frozen(False)
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+
+
+def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],
+               snapshot: Optional[WeightsSnapshot] = None) -> WeightsSnapshot:
+    """The one road from (prompt, target) pairs to a hypernetwork weight update, used by every caller.
+
+    Runs :func:`apply_steps` inside an :func:`edit_transaction` and returns the snapshot of the
+    edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
+    back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
+    """
+    with edit_transaction(model, snapshot) as snapshot:
+        for name in editor.module_names:
+            snapshot.capture_module(name)
+        apply_steps(model, tok, editor, prompts, targets)
+    return snapshot

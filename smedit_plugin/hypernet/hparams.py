@@ -67,8 +67,10 @@ class HypernetHyperParams(MethodHyperParams):
     max_steps: int = F(default=-1, metadata={"range": (-1, None), "help": "training batches (batch mode) or sequences; -1 = one full pass"})
     cumulative_steps: bool = F(default=True, metadata={"help": "BP steps stack during training as at edit time (paper); false = reference code"})
     reference_adam_duplicates: bool = F(default=False, metadata={"help": "with one network shared by the BP steps, apply each Adam update bp_steps times, as the reference code does by listing the network once per step (spec §1.6, §7 item 11); false = once"})
-    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate (and checkpoint) every N training units: batches, or trajectories when num_seq > 1 (0 = only at the end)"})
-    val_n_edits: int = F(default=64, metadata={"range": (1, None)})
+    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "also validate (without validation records: checkpoint) every N training units: batches, or trajectories when num_seq > 1; with validation records every epoch end is validated anyway"})
+    val_n_edits: int = F(default=64, metadata={"range": (1, None), "help": "facts per edit batch of the ES/GS/LS check on the validation records"})
+    val_fraction: float = F(default=0.0, metadata={"range": (0.0, 0.5), "help": "share of the training records held out (seeded) as the validation split when no validation file is given; 0 = none"})
+    early_stop_patience: int = F(default=0, metadata={"range": (0, None), "help": "stop after this many validations without a lower validation loss (0 = run every epoch); the archive keeps the best networks either way"})
     seed: int = 0
 
     _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits)

@@ -10,6 +10,7 @@ weight gradients ``G``, which :meth:`HypernetEditor.meta_backward` pushes throug
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -39,6 +40,10 @@ class TrainState:
     seconds: float = 0.0
     edits_seen: int = 0
     history: list = dataclasses.field(default_factory=list)
+    best_val_loss: Optional[float] = None  # lowest validation loss so far (the archive on disk holds those networks)
+    best_unit: int = 0
+    stale_validations: int = 0  # validations since the best one (early stopping counts these)
+    stopped_early: bool = False
 
 
 class MetaTrainer:
@@ -56,6 +61,10 @@ class MetaTrainer:
         self.weights = {n: self.editor.edit_module(n).weight for n in self.editor.module_names}
 
     # -- data ------------------------------------------------------------------------------
+    def units_per_epoch(self, n_records: int) -> int:
+        """Training units in one pass over ``n_records`` records (a remainder smaller than a unit is left out)."""
+        return n_records // (self.hp.n_edits * self.hp.num_seq)
+
     def _batches(self, records: Sequence[EditRecord]) -> list[list[EditRecord]]:
         """Shuffled (seeded) units: batches of ``n_edits`` or trajectories of ``num_seq`` such batches."""
         per_unit = self.hp.n_edits * self.hp.num_seq
@@ -204,12 +213,70 @@ class MetaTrainer:
             snap.restore()
         return total
 
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, records: Sequence[EditRecord]) -> float:
+        """The meta-loss of edits the current networks make on held-out ``records``, without the shift penalty.
+
+        Records are cut (in order) into units as in training: a batch of ``n_edits``, or ``num_seq`` such
+        batches whose edits accumulate. Each unit is edited through the edit-time road (normaliser frozen),
+        scored by the rephrase cross-entropy of all its facts (plus ``locality_coef`` x KL to the unedited
+        model on their locality prompts), and rolled back. Returns the mean over units.
+        """
+        from .editor import edit_batch
+
+        per_unit = self.hp.n_edits * self.hp.num_seq
+        units = [records[i:i + per_unit] for i in range(0, len(records) - per_unit + 1, per_unit)]
+        if not units:
+            raise ValueError(f"validation needs at least n_edits * num_seq = {per_unit} records, got {len(records)}")
+        loc_coef = self.hp.locality_coef()
+        losses = []
+        for unit in units:
+            equiv, unrel = self._equiv_mbs(unit), self._unrel_mbs(unit)
+            refs = self._reference_logits(unrel, None) if loc_coef > 0 else []
+            snapshot = None
+            try:
+                for i in range(0, len(unit), self.hp.n_edits):
+                    batch = unit[i:i + self.hp.n_edits]
+                    snapshot = edit_batch(self.model, self.tok, self.editor, [r.prompt for r in batch],
+                                          [r.target_new for r in batch], snapshot)
+                loss = sum(float(answer_cross_entropy(self.model, mb)) for mb in equiv) / len(equiv)
+                if loc_coef > 0 and unrel:
+                    kl = sum(float(kl_locality(ref, answer_logits(self.model, mb))) for mb, ref in zip(unrel, refs))
+                    loss += loc_coef * kl / len(unrel)
+            finally:
+                if snapshot is not None:
+                    snapshot.restore()
+            losses.append(loss)
+        return sum(losses) / len(losses)
+
+    def _record_validation(self, val: dict) -> bool:
+        """Update the best/early-stopping state from a validation result; True when it is the best so far."""
+        loss = val.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return False
+        if self.state.best_val_loss is None or loss < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_unit, self.state.stale_validations = loss, self.state.units_done, 0
+            return True
+        self.state.stale_validations += 1
+        return False
+
     # -- the loop --------------------------------------------------------------------------
     def train(self, records: Sequence[EditRecord], *, validate: Optional[Callable[[], dict]] = None,
               checkpoint: Optional[Callable[["MetaTrainer"], None]] = None, progress: bool = True) -> TrainState:
-        """Run the remaining units (a resumed trainer skips the ones already done)."""
+        """Run the remaining units (a resumed trainer skips the ones already done).
+
+        With ``validate`` (returning a dict with ``loss``), validation runs after every epoch (and every
+        ``val_interval`` units); ``checkpoint`` is called only when the validation loss improves, so the
+        archive on disk always holds the best networks so far, and training stops early after
+        ``early_stop_patience`` validations without improvement. On return the editor holds the best
+        networks. Without ``validate``, ``checkpoint`` runs every ``val_interval`` units and the editor
+        keeps the last networks.
+        """
         units = self._batches(records)
+        per_epoch = self.units_per_epoch(len(records))
         todo = units[self.state.units_done:]
+        best_nets = copy.deepcopy(self.editor.nets.state_dict()) if validate is not None else None
         flags = {n: w.requires_grad for n, w in self.weights.items()}
         frozen = [p for p in self.model.parameters() if p.requires_grad and all(p is not w for w in self.weights.values())]
         for p in frozen:
@@ -225,18 +292,35 @@ class MetaTrainer:
                 self.state.units_done += 1
                 self.state.edits_seen += len(unit)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._mean_edit_lr():.2e}")
-                entry = {"unit": self.state.units_done, "loss": loss, "seconds": self.state.seconds}
-                due = self.hp.val_interval and self.state.units_done % self.hp.val_interval == 0
-                if due and validate is not None:
-                    entry["val"] = validate()
+                done = self.state.units_done
+                entry = {"unit": done, "epoch": done / per_epoch, "loss": loss, "seconds": self.state.seconds}
+                interval = bool(self.hp.val_interval) and done % self.hp.val_interval == 0
+                if validate is None:
+                    self.state.history.append(entry)
+                    if interval and checkpoint is not None:
+                        checkpoint(self)
+                    continue
+                if not (interval or done % per_epoch == 0 or done == len(units)):
+                    self.state.history.append(entry)
+                    continue
+                entry["val"] = validate()
                 self.state.history.append(entry)
-                if due and checkpoint is not None:
-                    checkpoint(self)
+                bar.write(f"{self.hp.alg_name} unit {done} (epoch {done / per_epoch:.2f}): train loss {loss:.4f}, "
+                          + ", ".join(f"val {k} {v:.4f}" for k, v in entry["val"].items()))
+                if self._record_validation(entry["val"]):
+                    best_nets = copy.deepcopy(self.editor.nets.state_dict())
+                    if checkpoint is not None:
+                        checkpoint(self)
+                elif self.hp.early_stop_patience and self.state.stale_validations >= self.hp.early_stop_patience:
+                    self.state.stopped_early = True
+                    break
         finally:
             for p in frozen:
                 p.requires_grad_(True)
             for n, w in self.weights.items():
                 w.requires_grad_(flags[n])
+        if best_nets is not None and self.state.best_val_loss is not None:
+            self.editor.nets.load_state_dict(best_nets)
         return self.state
 
     def _mean_edit_lr(self) -> float:
