@@ -233,13 +233,30 @@ def test_shift_penalty_adds_two_reg_coef_shift_to_weight_grads(tiny4) -> None:
     hp = SMEditHyperParams(**{**SMALL, "reg_coef": 0.25})
     trainer = MetaTrainer(fresh(tiny4), tiny4[1], hp)
     gen = torch.Generator().manual_seed(0)
-    shifts = {"a": torch.randn(3, 2, generator=gen), "b": torch.randn(2, 2, generator=gen)}
-    grads = {"a": torch.randn(3, 2, generator=gen)}
+    a, b = MODULES[0], MODULES[2]
+    shifts = {a: torch.randn(3, 2, generator=gen), b: torch.randn(2, 2, generator=gen)}
+    grads = {a: torch.randn(3, 2, generator=gen)}
     out = trainer._add_shift_penalty(grads, shifts, 0.5)
-    torch.testing.assert_close(out["a"], grads["a"] + 2 * 0.25 * 0.5 * shifts["a"], rtol=0, atol=0)
-    torch.testing.assert_close(out["b"], 2 * 0.25 * 0.5 * shifts["b"], rtol=0, atol=0)  # no CE gradient there
+    torch.testing.assert_close(out[a], grads[a] + 2 * 0.25 * 0.5 * shifts[a], rtol=0, atol=0)
+    torch.testing.assert_close(out[b], 2 * 0.25 * 0.5 * shifts[b], rtol=0, atol=0)  # no CE gradient there
     malmen = MetaTrainer(fresh(tiny4), tiny4[1], MALMEN2HyperParams(**SMALL))
     assert malmen._add_shift_penalty(grads, shifts, 1.0) is grads  # MALMEN has no l2 term
+
+
+def test_relative_shift_penalty_is_the_gradient_of_reg_shift_norm_over_weight_norm(tiny4) -> None:
+    model = fresh(tiny4)
+    trainer = MetaTrainer(model, tiny4[1], SMEditHyperParams(**{**SMALL, "reg_coef": 0.25,
+                                                                "shift_penalty_norm": "relative"}))
+    gen = torch.Generator().manual_seed(1)
+    shifts = {n: torch.randn(model.get_submodule(n).weight.T.shape, generator=gen, requires_grad=True)
+              for n in MODULES}
+    out = trainer._add_shift_penalty({}, {n: s.detach() for n, s in shifts.items()}, 0.5)
+    for name, shift in shifts.items():
+        weight = model.get_submodule(name).weight.detach()
+        penalty = 0.25 * 0.5 * shift.pow(2).sum() / weight.pow(2).sum()
+        torch.testing.assert_close(out[name], torch.autograd.grad(penalty, shift)[0], rtol=1e-6, atol=0)
+    # two modules of different norms get different factors: the form is relative per module
+    assert len({round(v, 12) for v in trainer._penalty_norm.values()}) == len(MODULES)
 
 
 def test_smedit_sequential_trains_step_specific_nets_with_rank_decay(tiny4, records, monkeypatch) -> None:

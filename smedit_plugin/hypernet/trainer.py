@@ -59,6 +59,9 @@ class MetaTrainer:
         self.opt = optimizer if optimizer is not None else torch.optim.Adam(self.editor.unique_parameters(), lr=hparams.meta_lr)
         self.state = state if state is not None else TrainState()
         self.weights = {n: self.editor.edit_module(n).weight for n in self.editor.module_names}
+        # 1 / ||W||^2 of each edited weight (training units always start from these weights)
+        self._penalty_norm = {n: (1.0 / float(w.detach().float().pow(2).sum()) if hparams.shift_penalty_norm == "relative"
+                                  else 1.0) for n, w in self.weights.items()}
 
     # -- data ------------------------------------------------------------------------------
     def units_per_epoch(self, n_records: int) -> int:
@@ -134,12 +137,12 @@ class MetaTrainer:
         return grads, total
 
     def _add_shift_penalty(self, grads: dict[str, torch.Tensor], shifts: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-        """Gradient of ``reg_coef * ||param_shift||^2`` w.r.t. the shift (Eq. 7), added to ``G``."""
+        """Gradient of ``reg_coef * ||param_shift||^2`` (Eq. 7; over ``||W||^2`` when relative) w.r.t. the shift, added to ``G``."""
         reg = self.hp.shift_penalty_coef()
         if reg == 0:
             return grads
-        return {n: grads.get(n, torch.zeros_like(shifts[n])).to(shifts[n].device) + 2.0 * reg * scale * shifts[n]
-                for n in shifts}
+        return {n: grads.get(n, torch.zeros_like(shifts[n])).to(shifts[n].device)
+                + 2.0 * reg * scale * self._penalty_norm[n] * shifts[n] for n in shifts}
 
     # -- one unit --------------------------------------------------------------------------
     def _snapshot(self) -> WeightsSnapshot:
