@@ -304,9 +304,9 @@ def test_rledit2_trajectory_scores_the_backtracking_window(tiny4, records, monke
     calls: list[tuple[list, list[float]]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights, prefix):
+    def spy(equiv, unrel, refs, weights, *rest):
         calls.append((equiv, list(weights)))
-        return meta_loss(equiv, unrel, refs, weights, prefix)
+        return meta_loss(equiv, unrel, refs, weights, *rest)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trajectory = trainer._batches(records)[0]
@@ -334,9 +334,9 @@ def test_malmen_sequential_keeps_its_kl_term(tiny4, records, monkeypatch) -> Non
     calls: list[tuple[list, list]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights, prefix):
+    def spy(equiv, unrel, refs, weights, *rest):
         calls.append((unrel, refs))
-        return meta_loss(equiv, unrel, refs, weights, prefix)
+        return meta_loss(equiv, unrel, refs, weights, *rest)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trainer.train(records, progress=False)
@@ -454,3 +454,28 @@ def test_split_validation_is_seeded_disjoint_and_complete(records) -> None:
     assert {id(r) for r in train}.isdisjoint({id(r) for r in val})
     assert [r.prompt for r in train] == [r.prompt for r in records if all(r is not v for v in val)]
     assert split_validation(records, 0.25, seed=3)[1] == val and split_validation(records, 0.25, seed=4)[1] != val
+
+
+def test_trajectory_reuses_locality_logits_of_the_last_meta_loss_pass_as_references(tiny4, records) -> None:
+    """The reference logits of earlier batches come from the previous pass at the same weights: same training."""
+    hp = RLEdit2HyperParams(**{**SMALL, "num_seq": 3, "back_depth": 3, "loc_coef": 0.5, "max_steps": 2})
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        trainer = MetaTrainer(fresh(tiny4), tiny4[1], hp)
+        trainer.reuse_reference_logits = reuse
+        forwards = []
+        original = trainer._reference_logits
+
+        def counted(mbs, prefix, known=None):
+            forwards.append(sum(1 for mb in mbs if not (known and id(mb) in known)))
+            return original(mbs, prefix, known)
+
+        trainer._reference_logits = counted
+        state = trainer.train(records, progress=False)
+        results.append((sum(forwards), [e["loss"] for e in state.history], trainer.editor.state_dict()))
+    (n_reuse, loss_reuse, nets_reuse), (n_plain, loss_plain, nets_plain) = results
+    assert n_plain == 2 * (1 + 2 + 3) and n_reuse == 2 * 3  # one micro-batch per batch; windows of 1, 2, 3 batches
+    assert loss_reuse == pytest.approx(loss_plain, rel=1e-6)
+    for name, value in nets_reuse.items():
+        assert torch.allclose(value, nets_plain[name], rtol=1e-5, atol=1e-8), name

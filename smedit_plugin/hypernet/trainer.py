@@ -59,6 +59,8 @@ class MetaTrainer:
         self.opt = optimizer if optimizer is not None else torch.optim.Adam(self.editor.unique_parameters(), lr=hparams.meta_lr)
         self.state = state if state is not None else TrainState()
         self.weights = {n: self.editor.edit_module(n).weight for n in self.editor.module_names}
+        #: reuse locality logits across the batches of a trajectory (exact; tests compare against False)
+        self.reuse_reference_logits = True
         # 1 / ||W||^2 of each edited weight (training units always start from these weights)
         self._penalty_norm = {n: (1.0 / float(w.detach().float().pow(2).sum()) if hparams.shift_penalty_norm == "relative"
                                   else 1.0) for n, w in self.weights.items()}
@@ -109,16 +111,25 @@ class MetaTrainer:
                 grads[name] = grads[name] + g if name in grads else g
 
     @torch.no_grad()
-    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix]) -> list[torch.Tensor]:
+    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix],
+                          known: Optional[dict[int, torch.Tensor]] = None) -> list[torch.Tensor]:
+        """Logits of ``mbs`` at the current weights; ``known`` holds some already (by micro-batch identity)."""
         refs = []
         for mb in mbs:
+            if known is not None and id(mb) in known:
+                refs.append(known[id(mb)])
+                continue
             with forward_context(prefix, mb):
                 refs.append(answer_logits(self.model, mb).float())
         return refs
 
     def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[torch.Tensor]],
-                         weights: list[float], prefix: Optional[FrozenPrefix]) -> tuple[dict[str, torch.Tensor], float]:
-        """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time."""
+                         weights: list[float], prefix: Optional[FrozenPrefix],
+                         seen: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
+        """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time.
+
+        ``seen`` receives the (detached) logits of every locality micro-batch, keyed by its identity.
+        """
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
         loc_coef = self.hp.locality_coef()
@@ -131,7 +142,10 @@ class MetaTrainer:
             if loc_coef > 0:
                 for mb, ref_logits in zip(un_mbs, ref):
                     with forward_context(prefix, mb):
-                        loss = w * loc_coef * kl_locality(ref_logits, answer_logits(self.model, mb))
+                        logits = answer_logits(self.model, mb)
+                    if seen is not None:
+                        seen[id(mb)] = logits.detach().float()
+                    loss = w * loc_coef * kl_locality(ref_logits, logits)
                     total += float(loss.detach())
                     self._grad_of(loss, grads)
         return grads, total
@@ -193,6 +207,9 @@ class MetaTrainer:
         n = self.hp.n_edits
         batches = [records[i:i + n] for i in range(0, len(records), n)]
         history: list[tuple[list, list]] = []
+        # Locality logits the last meta-loss pass computed; its weights are the next batch's pre-edit weights,
+        # so they are that batch's reference logits for the earlier batches of its window (no second forward).
+        at_current: dict[int, torch.Tensor] = {}
         total = 0.0
         self.opt.zero_grad(set_to_none=True)
         try:
@@ -201,12 +218,13 @@ class MetaTrainer:
                 weights = self.hp.trajectory_weights(i)
                 window = history[::-1][:len(weights)]  # j = 0 is the current batch
                 with_kl = self.hp.locality_coef() > 0
-                refs = [self._reference_logits(un, prefix) if with_kl else [] for _, un in window]
+                refs = [self._reference_logits(un, prefix, at_current) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
                 recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
                         for s in range(self.hp.bp_steps)]
+                at_current = {}
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
-                                                    prefix)
+                                                    prefix, at_current if self.reuse_reference_logits else None)
                 total += loss
                 scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
