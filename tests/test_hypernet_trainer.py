@@ -7,6 +7,7 @@ in sequential mode, step-specific networks with rank decay, RLEdit's backtrackin
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -479,3 +480,20 @@ def test_trajectory_reuses_locality_logits_of_the_last_meta_loss_pass_as_referen
     assert loss_reuse == pytest.approx(loss_plain, rel=1e-6)
     for name, value in nets_reuse.items():
         assert torch.allclose(value, nets_plain[name], rtol=1e-5, atol=1e-8), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_a_half_precision_model_keeps_an_fp32_hypernetwork(tiny4, records, dtype) -> None:
+    """``model_dtype: bfloat16`` as the reference runs it: the LLM in half precision, networks and solve in fp32."""
+    model = fresh(tiny4).to(dtype)
+    before = params_of(model)
+    hp = SMEditHyperParams(**{**SMALL, "model_dtype": "bfloat16" if dtype == torch.bfloat16 else "float16"})
+    torch.manual_seed(0)
+    trainer = MetaTrainer(model, tiny4[1], hp)
+    initial = copy.deepcopy(trainer.editor.state_dict())
+    state = trainer.train(records, progress=False)
+    assert all(p.dtype == torch.float32 for p in trainer.editor.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.editor.parameters())
+    assert math.isfinite(state.history[-1]["loss"]) and state.optimizer_steps == hp.bp_steps
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.editor.state_dict().items())
+    assert_same_params(model, before)
