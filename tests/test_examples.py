@@ -89,7 +89,7 @@ def _check_editing_path(stdout: str, result: dict[str, Any], n_records: int) -> 
 
 def test_batch_edit_smedit_trains_edits_and_reports(runs: dict[str, Run]) -> None:
     stdout, result = runs["batch_edit_smedit"].result()
-    assert result["trained_now"] and (Path(result["archive"]) / "meta.json").is_file()
+    assert result["trained_now"] and (Path(result["archive"]) / "manifest.json").is_file()
     assert "trained SMEdit on 4 facts" in stdout
     _in_unit_interval(result["before"], 4)
     _in_unit_interval(result["after"], 4)

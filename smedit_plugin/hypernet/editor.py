@@ -14,12 +14,19 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..edit_modules import resolve_edit_modules
+from ..errors import OVERFLOW_CAUSE, require_finite
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
+
+
+#: Likely causes of a NaN/inf ``param_shift``, named in the error.
+SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
+               "is from a training run that diverged, or the model's gradients overflowed in float16 "
+               "(load it in float32 or bfloat16)")
 
 
 def hypernet_device(hparams: HypernetHyperParams) -> Optional[torch.device]:
@@ -105,7 +112,11 @@ class HypernetEditor(nn.Module):
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
                                                    c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
             shifts[name], solvers[name] = shift, solver
+            where = f"BP step {step + 1} of {self.hparams.bp_steps}"
+            require_finite(shift, method=self.hparams.alg_name, where=where, module=name, cause=SHIFT_CAUSE)
             add_param_shift_(self._modules_ref[name], shift)
+            require_finite(self._modules_ref[name].weight, method=self.hparams.alg_name, where=where, module=name,
+                           cause=OVERFLOW_CAUSE)
         return StepRecord(step, caches, shifts, solvers)
 
     def meta_backward(self, record: StepRecord, weight_grads: dict[str, torch.Tensor]) -> None:
