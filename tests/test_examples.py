@@ -131,7 +131,8 @@ def test_consecutive_comeba_hk_restores_exactly_and_reloads(runs: dict[str, Run]
     assert "outputs and parameters restored exactly: True" in stdout
     assert "edited outputs reproduced exactly: True" in stdout
     state = Path(result["state_dir"])
-    assert (state / "hook_state.json").is_file() and (state / "hook_state.safetensors").is_file()
+    assert (state / "manifest.json").is_file()
+    assert sorted(p.name for p in (state / "v-000001").iterdir()) == ["hook_state.json", "hook_state.safetensors"]
 
 
 def test_compare_methods_prints_the_table_and_writes_rows(runs: dict[str, Run]) -> None:

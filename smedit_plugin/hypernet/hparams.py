@@ -34,6 +34,12 @@ def _rank_fits(hp: "HypernetHyperParams") -> Optional[str]:
     return None
 
 
+def _max_steps_not_zero(hp: "HypernetHyperParams") -> Optional[str]:
+    if hp.max_steps == 0:
+        return "field 'max_steps' = 0 would train nothing; use -1 for one full pass or a positive number of units"
+    return None
+
+
 def _fill_bp_steps(hp: "HypernetHyperParams") -> Optional[str]:
     """A null ``bp_steps`` takes the method's default from the table (1 for the one-step baselines)."""
     if hp.bp_steps is None:
@@ -68,9 +74,9 @@ class HypernetHyperParams(MethodHyperParams):
     reference_adam_duplicates: bool = F(default=False, metadata={"help": "with one network shared by the BP steps, apply each Adam update bp_steps times, as the reference code does by listing the network once per step (spec §1.6, §7 item 11); false = once"})
     val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate (and checkpoint) every N training units: batches, or trajectories when num_seq > 1 (0 = only at the end)"})
     val_n_edits: int = F(default=64, metadata={"range": (1, None)})
-    seed: int = 0
+    seed: int = F(default=0, metadata={"range": (0, 2**32 - 1), "help": "seed of the network initialisation and the training order"})
 
-    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits)
+    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits, _max_steps_not_zero)
     #: Method defaults for ``shared_hypernet`` when the field is null.
     SHARED_DEFAULT: ClassVar[str] = "always"
 
