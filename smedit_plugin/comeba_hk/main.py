@@ -25,6 +25,7 @@ from torch import nn
 from ..devices import model_input_device
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
+from ..request_checks import check_lengths, check_locality, warn_contradictions
 from ..edit_modules import weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
@@ -216,9 +217,13 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
     if not isinstance(hparams, COMEBAHKHyperParams):
         raise TypeError(f"hparams must be COMEBAHKHyperParams, got {type(hparams).__name__}")
     prepared = prepare_requests(requests)
+    check_locality(requests)
     view = TokenView(tok)
     for request in prepared:
         view.encode_target(request.target_new)
+    prompts = [r.before + r.subject + r.after for r in prepared]
+    check_lengths(tok, prompts, [r.target_new for r in prepared], hparams.max_length)
+    warn_contradictions(prompts, [r.target_new for r in prepared])
     model = maybe_copy_model(model, copy)
     mods = _Modules(model, hparams)
     controller = find_state(model)

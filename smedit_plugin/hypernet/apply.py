@@ -16,6 +16,7 @@ from torch import nn
 
 from ..editing import WeightsSnapshot, edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from ..fileio import MANIFEST
+from ..request_checks import check_lengths, check_locality, warn_contradictions
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -37,6 +38,7 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
                 raise ValueError(f"request {i}: field {key!r} must be a non-empty string, got {value!r}")
         prompts.append(req["prompt"])
         targets.append(req["target_new"])
+    check_locality(requests)
     return prompts, targets
 
 
@@ -94,6 +96,8 @@ def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[
     edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
     back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
     """
+    check_lengths(tok, prompts, targets, editor.hparams.max_length)
+    warn_contradictions(prompts, targets)
     with edit_transaction(model, snapshot) as snapshot:
         for name in editor.module_names:
             snapshot.capture_module(name)

@@ -29,10 +29,8 @@ FORMAT = "smedit-hypernet/2"
 WEIGHTS = "hypernet.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 META = "meta.json"
-#: Weight entries per edit module recorded as the model's identity (:func:`weight_probe`).
-PROBE_SIZE = 64
-#: Largest relative distance between recorded and live probes still taken for the same model: covers
-#: bf16/fp16 rounding (< 1 %) and earlier edits, far below the ~100 % of another checkpoint.
+#: Largest relative distance between the recorded and the live identity probe still taken for the same
+#: model: covers bf16/fp16 rounding (< 1 %); another checkpoint of the same shape differs by ~140 %.
 PROBE_TOLERANCE = 0.05
 
 
@@ -87,29 +85,20 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def weight_probe(editor: HypernetEditor) -> dict[str, list[float]]:
-    """``PROBE_SIZE`` entries of each edit module's weight at fixed positions: the model's identity in the archive."""
-    probe = {}
-    for name in editor.module_names:
-        flat = editor.edit_module(name).weight.detach().reshape(-1)
-        positions = torch.randint(flat.numel(), (PROBE_SIZE,), generator=torch.Generator().manual_seed(0))
-        probe[name] = flat[positions.to(flat.device)].float().cpu().tolist()
-    return probe
-
-
 def save_archive(path: Union[str, os.PathLike], editor: HypernetEditor, *, model_name: str,
                  optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None,
                  extra: Optional[dict[str, Any]] = None) -> Path:
     """Publish a new version of the archive at ``path`` (a crash or Ctrl-C leaves the previous one intact).
 
-    The edit modules' weights must be the ones the hypernetwork was trained on (they are the
-    model's identity, see :func:`weight_probe`). Returns ``path``.
+    The editor's ``identity`` (a probe of the model it was built on, see
+    :func:`~smedit_plugin.hypernet.editor.identity_probe`) is recorded so that loading can refuse
+    another model of the same shapes. Returns ``path``.
     """
     meta: dict[str, Any] = {
         "format": FORMAT,
         "alg_name": editor.hparams.alg_name,
         "model_name": model_name,
-        "weight_probe": weight_probe(editor),
+        "identity_probe": editor.identity,
         "num_seq": editor.num_seq,
         "structure": editor.describe(),
         "hparams": editor.hparams.to_dict(),
@@ -144,7 +133,7 @@ def archive_folder(path: Union[str, os.PathLike]) -> Path:
     return current_version(p, FORMAT, ArchiveError)
 
 
-_META_FIELDS = {"alg_name": str, "model_name": str, "weight_probe": dict, "num_seq": int, "structure": dict,
+_META_FIELDS = {"alg_name": str, "model_name": str, "identity_probe": list, "num_seq": int, "structure": dict,
                 "hparams": dict}
 
 
@@ -180,17 +169,17 @@ def check_compatible(meta: dict[str, Any], editor: HypernetEditor, path: Union[s
             diffs.append(f"{key}: archive {have.get(key)!r}, model/hparams {want.get(key)!r}")
     if diffs:
         raise ArchiveError(f"archive {path} does not match this model and hparams:\n  - " + "\n  - ".join(diffs))
-    live = weight_probe(editor)
-    for name, saved in meta["weight_probe"].items():
-        if name not in live or not isinstance(saved, list) or len(saved) != PROBE_SIZE:
-            raise ArchiveError(f"archive {path}: meta.json field 'weight_probe' is malformed at {name!r}")
-        recorded, current = torch.tensor(saved, dtype=torch.float64), torch.tensor(live[name], dtype=torch.float64)
-        distance = float((current - recorded).norm() / recorded.norm().clamp_min(1e-12))
+    recorded, live = meta["identity_probe"], editor.identity
+    if len(recorded) != len(live) or not all(isinstance(x, (int, float)) for x in recorded):
+        raise ArchiveError(f"archive {path}: meta.json field 'identity_probe' is malformed; the archive is damaged")
+    if live:
+        saved, current = torch.tensor(recorded, dtype=torch.float64), torch.tensor(live, dtype=torch.float64)
+        distance = float((current - saved).norm() / saved.norm().clamp_min(1e-12))
         if not distance <= PROBE_TOLERANCE:
             raise ArchiveError(
-                f"archive {path} was trained on another model ({meta['model_name']!r}): the weights of {name} differ "
-                f"from the ones it was trained on by {100 * distance:.0f} % (at most {100 * PROBE_TOLERANCE:.0f} % "
-                "allowed); load it into the model it was trained on, or train one for this model")
+                f"archive {path} was trained on another model ({meta['model_name']!r}): this model's weights differ "
+                f"from that one's by {100 * distance:.0f} % at the probed entries (at most {100 * PROBE_TOLERANCE:.0f} % "
+                "allowed, for dtype rounding); load it into the model it was trained on, or train one for this model")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -29,6 +29,25 @@ SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by h
                "(load it in float32 or bfloat16)")
 
 
+#: Entries of the model's identity probe (:func:`identity_probe`).
+PROBE_SIZE = 64
+
+
+def identity_probe(model: nn.Module, edit_modules: Sequence[str]) -> list[float]:
+    """``PROBE_SIZE`` entries, at fixed positions, of the model's first parameter that no edit touches.
+
+    For a transformers model that is the token embedding. It identifies the model an archive was
+    trained on; the edit modules themselves cannot, since edits that accumulate in them are legitimate.
+    """
+    edited = {f"{name}.weight" for name in edit_modules}
+    param = next((p for n, p in model.named_parameters() if n not in edited), None)
+    if param is None:
+        return []
+    flat = param.detach().reshape(-1)
+    positions = torch.randint(flat.numel(), (PROBE_SIZE,), generator=torch.Generator().manual_seed(0))
+    return flat[positions.to(flat.device)].float().cpu().tolist()
+
+
 def hypernet_device(hparams: HypernetHyperParams) -> Optional[torch.device]:
     """``hparams.hypernet_device`` resolved, or None for "the model's device" (training and editing alike)."""
     return resolve_device(hparams.hypernet_device) if hparams.hypernet_device is not None else None
@@ -67,6 +86,7 @@ class HypernetEditor(nn.Module):
             idx = built[0][1]
             self.nets = nn.ModuleList([b[0] for b in built])
         self.module_idx = idx
+        self.identity = identity_probe(model, self.module_names)
         self.to(self.device)
 
     # -- structure ------------------------------------------------------------------------
