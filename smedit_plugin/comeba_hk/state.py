@@ -234,8 +234,8 @@ def _check_tensors(model: nn.Module, info: dict[str, Any], tensors: dict[str, to
             raise StateError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, this model needs {shape}")
         floating = name != f"{CONTROLLER_ATTR}.steps"
         if tensor.is_floating_point() != floating:
-            raise StateError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a "
-                             f"{'floating-point' if floating else 'integer'} tensor")
+            raise StateError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected "
+                             f"{'a floating-point' if floating else 'an integer'} tensor")
         if floating and not bool(tensor.isfinite().all()):
             raise StateError(f"{file}: tensor {name} holds NaN/inf; the state is damaged")
 
