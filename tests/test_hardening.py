@@ -712,7 +712,11 @@ def test_finding2_ctrl_c_at_each_step_of_an_archive_save(model, tok, smedit_arch
     else:
         assert same_tensors(published, old)
     load_archive(path, model, hp)
-    editor, _ = _save_archive_v2(model, tok, path)  # the next save cleans up whatever was left
+    if step == "remove old version":
+        with pytest.warns(UserWarning, match="interrupted save left behind: v-000001"):
+            editor, _ = _save_archive_v2(model, tok, path)  # the next save cleans up what was left
+    else:
+        editor, _ = _save_archive_v2(model, tok, path)
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000002" if step != "remove old version"
                                                       else "v-000003"]
     assert same_tensors(tensors_of(archive_folder(path), archive_module.WEIGHTS),

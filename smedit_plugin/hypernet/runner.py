@@ -133,11 +133,12 @@ def _published(path: Path) -> Optional[str]:
 
 def _clear(path: Path) -> None:
     """Remove what ``--overwrite`` replaces: a file, or every entry of a folder."""
-    if path.is_dir():
-        for entry in path.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    elif path.exists():
-        path.unlink()
+    entries = list(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_records: Sequence[EditRecord],
