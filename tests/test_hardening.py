@@ -230,7 +230,7 @@ def _valid(cls) -> dict[str, Any]:
 
 @pytest.mark.parametrize("cls,changes,needle", BAD_HPARAMS,
                          ids=[f"{c.__name__[:-11]}-{next(iter(ch))}={ch[next(iter(ch))]!r}" for c, ch, _ in BAD_HPARAMS])
-def test_bad_hparams_values_are_refused_naming_the_field(cls, changes, needle, tmp_path) -> None:
+def test_finding5_bad_hparams_values_are_refused_naming_the_field(cls, changes, needle, tmp_path) -> None:
     with pytest.raises(HyperParamsError) as err:
         cls.from_dict({**_valid(cls), **changes}, source="my.yaml")
     assert needle in str(err.value) and "my.yaml" in str(err.value)
@@ -245,7 +245,7 @@ def test_bad_hparams_values_are_refused_naming_the_field(cls, changes, needle, t
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
-def test_duplicate_keys_are_refused_with_the_line(tmp_path, suffix) -> None:
+def test_finding6_duplicate_keys_are_refused_with_the_line(tmp_path, suffix) -> None:
     good = SMEditHyperParams(**SMALL).to_dict()
     if suffix == ".yaml":
         lines = [f"{k}: {json.dumps(v)}" for k, v in good.items() if v is not None]
@@ -287,7 +287,7 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("argv,flag", BAD_FLAGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_FLAGS])
-def test_bad_cli_flags_are_refused_before_the_model_loads(argv, flag, monkeypatch, capsys, tmp_path) -> None:
+def test_finding6_bad_cli_flags_are_refused_before_the_model_loads(argv, flag, monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     _no_model_load(monkeypatch)
     assert cli.main(argv) == 2
@@ -295,7 +295,7 @@ def test_bad_cli_flags_are_refused_before_the_model_loads(argv, flag, monkeypatc
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])
-def test_train_out_is_refused_before_the_model_loads(what, monkeypatch, capsys, tmp_path) -> None:
+def test_finding1_train_out_is_refused_before_the_model_loads(what, monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     _no_model_load(monkeypatch)
     out = tmp_path / "out"
@@ -328,7 +328,7 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("requests,needle", BAD_REQUESTS, ids=[n for _, n in BAD_REQUESTS])
-def test_bad_requests_to_a_hypernetwork_method_are_refused(model, tok, smedit_archive, requests, needle) -> None:
+def test_finding6_bad_requests_to_a_hypernetwork_method_are_refused(model, tok, smedit_archive, requests, needle) -> None:
     hp, _ = smedit_archive
     before = params_of(model)
     with pytest.raises(ValueError) as err:
@@ -346,7 +346,7 @@ BAD_LOCATE_REQUESTS = [
 
 
 @pytest.mark.parametrize("requests,needle", BAD_LOCATE_REQUESTS, ids=[n for _, n in BAD_LOCATE_REQUESTS])
-def test_bad_requests_to_comeba_hk_are_refused(model, tok, requests, needle) -> None:
+def test_finding6_bad_requests_to_comeba_hk_are_refused(model, tok, requests, needle) -> None:
     before = params_of(model)
     with pytest.raises(ValueError) as err:
         apply_comeba_hk_to_model(model, tok, requests, chp())
@@ -354,7 +354,7 @@ def test_bad_requests_to_comeba_hk_are_refused(model, tok, requests, needle) -> 
     assert_untouched(model, before)
 
 
-def test_contradictory_facts_in_one_batch_are_warned_about(model, tok, smedit_archive) -> None:
+def test_finding6_contradictory_facts_in_one_batch_are_warned_about(model, tok, smedit_archive) -> None:
     hp, _ = smedit_archive
     twice = [{"prompt": "The capital of France is", "target_new": "Rome"},
              {"prompt": "The capital of  France is", "target_new": "Berlin"}]
@@ -406,7 +406,7 @@ ARCHIVE_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(ARCHIVE_DAMAGE))
-def test_damaged_archives_raise_archive_errors_naming_the_file(model, tok, smedit_archive, damage) -> None:
+def test_finding6_damaged_archives_raise_archive_errors_naming_the_file(model, tok, smedit_archive, damage) -> None:
     hp, _ = smedit_archive
     path = Path(hp.archive)
     change, needle = ARCHIVE_DAMAGE[damage]
