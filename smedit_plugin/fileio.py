@@ -131,6 +131,9 @@ def current_version(directory: PathLike, kind: str, error: type[Exception]) -> P
         raise error(f"no {kind} at {root} (no {MANIFEST})")
     folder = root / manifest["version"]
     for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or Path(name).name != name or name in (".", ".."):
+            raise error(f"{root / MANIFEST}: entry {name!r} is malformed; restore the directory from a copy or write "
+                        "it again")
         path = folder / name
         if not path.is_file():
             raise error(f"{path} is missing (named in {root / MANIFEST}); the directory is damaged, "

@@ -382,6 +382,9 @@ ARCHIVE_DAMAGE = {
     "manifest is garbage": (lambda p: (p / "manifest.json").write_text("{not json"), "manifest.json is damaged"),
     "manifest of a state": (lambda p: (p / "manifest.json").write_text(
         (p / "manifest.json").read_text().replace("smedit-hypernet/2", "smedit-comeba-hk/2")), "holds a 'smedit-comeba-hk/2'"),
+    "manifest names a path outside": (lambda p: (p / "manifest.json").write_text(json.dumps({
+        **json.loads((p / "manifest.json").read_text()), "files": {"../../secret": {"sha256": "0", "bytes": 1}}})),
+        "entry '../../secret' is malformed"),
     "version folder gone": (lambda p: [f.unlink() for f in archive_folder(p).iterdir()], "is missing"),
     "weights not safetensors": (lambda p: rewrite_published(p, "hypernet.safetensors",
                                                             lambda f: f.write_bytes(b"\x10\x00" * 8)),

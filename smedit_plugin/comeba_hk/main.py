@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..devices import model_input_device
+from ..edit_modules import weight_shape_in_out
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
 from ..request_checks import check_lengths, check_locality, warn_contradictions
-from ..edit_modules import weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments
@@ -133,12 +133,13 @@ def calibrate_alpha(model: nn.Module, view: TokenView, requests: Sequence[EditRe
     with stop_after(z_block):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     candidates = []
-    for layer in layers:
+    for k, layer in enumerate(layers):
         candidate = alpha_candidate(layer.recorded[0])
         if candidate is not None and not math.isfinite(candidate):
-            raise NonFiniteUpdateError(f"alpha calibration: the largest z-score of a hook layer is {candidate}; "
-                                       "no update of this call is kept. Likely cause: NaN/inf activations "
-                                       "(float16 overflow; load the model in float32 or bfloat16)")
+            raise NonFiniteUpdateError(f"COMEBA-HK: alpha calibration of hook layer {k + 1} of {len(layers)}: the "
+                                       f"smallest largest z-score is {candidate}; no update of this call is kept. "
+                                       "Likely cause: NaN/inf activations (float16 overflow; load the model in "
+                                       "float32 or bfloat16)")
         layer.alpha.fill_(next_alpha(float(layer.alpha), candidate))
         candidates.append(candidate)
     return candidates

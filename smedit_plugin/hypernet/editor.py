@@ -27,8 +27,6 @@ from .solve import RidgeSolve
 SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
                "is from a training run that diverged, or the model's gradients overflowed in float16 "
                "(load it in float32 or bfloat16)")
-
-
 #: Entries of the model's identity probe (:func:`identity_probe`).
 PROBE_SIZE = 64
 

@@ -132,8 +132,10 @@ def _published(path: Path) -> Optional[str]:
 
 
 def _clear(path: Path) -> None:
-    """Remove what ``--overwrite`` replaces: a file, or every entry of a folder."""
-    entries = list(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+    """Remove what ``--overwrite`` replaces: a file, or every entry of a folder except a published archive version
+    (replaced by the first save of the new run, so the folder never goes without one)."""
+    keep = {MANIFEST, _published(path)} if path.is_dir() and is_versioned_dir(path) else set()
+    entries = [e for e in path.iterdir() if e.name not in keep] if path.is_dir() else [path] if path.exists() else []
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -159,7 +161,7 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
         editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True, device=hypernet_device(hparams))
         trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt, state=state)
     else:
-        if overwrite and not (out.is_dir() and is_versioned_dir(out)):
+        if overwrite:
             _clear(out)
         torch.manual_seed(hparams.seed)
         trainer = MetaTrainer(model, tok, hparams)
