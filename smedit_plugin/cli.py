@@ -225,6 +225,8 @@ def run_base_eval(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else sample_path("zsre_sample_eval")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     dataset = args.dataset or detect_dataset(data)
     records = load_records(data, dataset, limit=args.limit)
     start = time.perf_counter()

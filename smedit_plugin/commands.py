@@ -20,8 +20,13 @@ def setup_train(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="override val_fraction: hold out this share of --data as the validation split")
     parser.add_argument("--n-epochs", type=int, default=None, help="override n_epochs (passes over --data)")
-    parser.add_argument("--out", required=True, type=Path, help="archive directory to write (resumed if it exists)")
-    parser.add_argument("--max-steps", type=int, default=None, help="override max_steps (training batches or sequences)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="archive directory to write (resumed if it holds an archive of this run; any other "
+                             "existing file or non-empty folder is refused unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace whatever --out holds (a file, a folder's contents, another run's archive)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="override max_steps: training batches or sequences, -1 = one full pass")
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default=None)
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if --out holds a checkpoint")
     parser.add_argument("--no-progress", action="store_true")
@@ -32,9 +37,12 @@ def run_train(args: argparse.Namespace) -> int:
     from .data import detect_dataset, load_records
     from .hparams import load_hparams
     from .hypernet.hparams import HypernetHyperParams
-    from .hypernet.runner import train_hypernet
+    from .hypernet.runner import check_out_dir, train_hypernet
     from .models import load_model_and_tokenizer
 
+    if args.max_steps is not None and (args.max_steps == 0 or args.max_steps < -1):
+        raise ValueError(f"--max-steps must be a positive number of training units, or -1 for one full pass; "
+                         f"got {args.max_steps}")
     hp = load_hparams(args.hparams)
     if not isinstance(hp, HypernetHyperParams):
         raise ValueError(f"{args.hparams}: {hp.alg_name} has no hypernetwork to train")
@@ -44,13 +52,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("give --val-data or --val-fraction, not both")
     if overrides:
         hp = hp.replace(**overrides)
+    if not isinstance(hp.model_name, str):
+        raise ValueError(f"{args.hparams}: field 'model_name' must name a model to train on")
+    check_out_dir(args.out, hp, hp.model_name, overwrite=args.overwrite)
     dataset = args.dataset or detect_dataset(Path(args.data))
     train = load_records(Path(args.data), dataset)
     val = load_records(Path(args.val_data), dataset) if args.val_data else None
     model, tok = load_model_and_tokenizer(hp.model_name, dtype=hp.model_dtype or ("float16" if hp.fp16 else None),
                                           device=hp.device)
     result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
-                            resume=not args.no_resume, progress=not args.no_progress)
+                            resume=not args.no_resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"trained {hp.alg_name} on {result.edits_seen} edits in {result.train_seconds:.1f} s "
           f"({result.seconds_per_edit:.3f} s/edit, {result.state.optimizer_steps} optimiser steps); archive: {result.archive}")
     rows = [[str(e["unit"]), f"{e['epoch']:.2f}", f"{e['loss']:.4f}", f"{e['val']['loss']:.4f}",

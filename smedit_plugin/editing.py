@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -28,18 +28,26 @@ class WeightsSnapshot:
     Each parameter is cloned once, on its own device and in its own dtype, so :meth:`restore` is
     bit-exact. Tied weights are stored once, under the first-registered name (the one
     ``named_parameters()`` yields), because that is the name EasyEdit's restore looks up.
+    Changes that are not parameter values (hook layers attached to the model) register their undo
+    with :meth:`on_restore`, so this class stays the one rollback for edits, loads and run ends.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._saved: dict[str, torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._index()
+
+    def _index(self) -> None:
+        """Name tables of the model's parameters (re-read when a parameter added since, e.g. a hook layer's, is captured)."""
         self._canonical: dict[str, str] = {}
         first_name_of: dict[int, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
+        for name, param in self.model.named_parameters(remove_duplicate=False):
             first_name_of.setdefault(id(param), name)
             self._canonical[name] = first_name_of[id(param)]
         self._name_of_param = first_name_of
-        self._params = dict(model.named_parameters())
+        # parameters captured earlier stay reachable for restore even if their module was detached since
+        self._params = {**getattr(self, "_params", {}), **dict(self.model.named_parameters())}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -48,6 +56,8 @@ class WeightsSnapshot:
 
     def canonical_name(self, name: str) -> str:
         """The ``named_parameters()`` name of ``name`` (an alias of a tied weight maps to its first name)."""
+        if name not in self._canonical:
+            self._index()
         try:
             return self._canonical[name]
         except KeyError:
@@ -73,16 +83,25 @@ class WeightsSnapshot:
         except AttributeError as exc:
             raise LookupError(f"model has no submodule {module_name!r}: {exc}") from None
         weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and id(weight) not in self._name_of_param:
+            self._index()
         if not isinstance(weight, nn.Parameter) or id(weight) not in self._name_of_param:
             raise LookupError(f"submodule {module_name!r} has no .weight parameter of this model")
         return self.capture(self._name_of_param[id(weight)])
 
+    def on_restore(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` at every :meth:`restore`, after the parameters (last registered first); it must be idempotent."""
+        self._undo.append(undo)
+
     @torch.no_grad()
     def restore(self) -> None:
-        """Write every captured tensor back into its parameter (wherever and in whatever dtype it lives now)."""
+        """Write every captured tensor back into its parameter (wherever and in whatever dtype it lives now),
+        then run the registered undo steps."""
         for name, saved in self._saved.items():
             param = self._params[name]
             param.copy_(saved.to(device=param.device, dtype=param.dtype))
+        for undo in reversed(self._undo):
+            undo()
 
     def as_weights_copy(self) -> dict[str, torch.Tensor]:
         """``{named_parameters name: pre-edit tensor}`` in the shape EasyEdit's restore expects."""

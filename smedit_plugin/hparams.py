@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -50,12 +51,42 @@ def resolve_hparams_path(path: Union[str, os.PathLike]) -> Path:
     raise HyperParamsError(f"hparams file {shown} does not exist")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first on line {seen[key]})")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise _DuplicateKey(f"key(s) {', '.join(map(repr, twice))} given twice in one object")
+    return dict(pairs)
+
+
 def read_config(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], Path]:
     """Read a YAML or JSON mapping without any conversion."""
     p = resolve_hparams_path(path)
     text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_json_pairs) if p.suffix == ".json" else \
+            yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise HyperParamsError(f"{p}: {exc}; keep one (with two, which one wins is easy to get wrong)") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise HyperParamsError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from exc
     if not isinstance(data, dict):
@@ -187,9 +218,11 @@ class MethodHyperParams:
                     f"{source}: field {f.name!r} must be {_type_name(hints[f.name])}, got {value!r}"
                 )
             object.__setattr__(self, f.name, conv)
+            items = conv if isinstance(conv, list) else [conv]
+            if f.metadata.get("finite", True) and any(isinstance(x, float) and not math.isfinite(x) for x in items):
+                raise HyperParamsError(f"{source}: field {f.name!r} = {value!r} must be a finite number (not NaN or inf)")
             rng = f.metadata.get("range")
             if rng is not None and conv is not None:
-                items = conv if isinstance(conv, list) else [conv]
                 lo, hi = rng
                 for item in items:
                     if (lo is not None and item < lo) or (hi is not None and item > hi):

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from smedit_plugin.data import load_records
 from smedit_plugin.hypernet import archive as archive_module
 from smedit_plugin.hypernet.editor import apply_steps
-from smedit_plugin.hypernet.archive import ArchiveError, load_archive, read_meta, save_archive
+from smedit_plugin.hypernet.archive import ArchiveError, archive_folder, load_archive, read_meta, save_archive
 from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.hypernet.runner import train_hypernet
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
@@ -109,7 +109,7 @@ def test_mismatched_archive_is_rejected_listing_what_differs(tiny4, tmp_path) ->
 def test_missing_or_unset_archive_is_a_clear_error(tiny4, tmp_path) -> None:
     model, tok = tiny4
     hp = MALMEN2HyperParams(**SMALL)
-    with pytest.raises(ArchiveError, match="no hypernetwork archive at .*expected meta.json and hypernet.safetensors"):
+    with pytest.raises(ArchiveError, match="no hypernetwork archive at .*expected manifest.json naming meta.json and hypernet.safetensors"):
         load_archive(tmp_path / "nowhere", model, hp)
     request = [{"prompt": PROMPTS[0], "target_new": TARGETS[0], "ground_truth": "Paris", "portability": {}, "locality": {}}]
     before = weights_of(model)
@@ -124,19 +124,18 @@ def test_corrupt_archives_raise_archive_errors(tiny4, tmp_path) -> None:
     model, _ = tiny4
     hp = MALMEN2HyperParams(**SMALL)
     path = save_archive(tmp_path / "arch", HypernetEditor(model, hp), model_name="tiny-smollm2")
-    meta_file = path / "meta.json"
+    meta_file = archive_folder(path) / "meta.json"
     good = meta_file.read_text()
     meta_file.write_text(json.dumps({**json.loads(good), "format": "something-else/9"}))
-    with pytest.raises(ArchiveError, match="unknown archive format 'something-else/9'"):
-        load_archive(path, model, hp)
-    meta_file.write_text(good[: len(good) // 2])
-    with pytest.raises(ArchiveError, match="meta.json"):
+    with pytest.raises(ArchiveError, match="meta.json fails its checksum"):
         load_archive(path, model, hp)
     meta_file.write_text(good)
-    tensors = load_file(str(path / "hypernet.safetensors"))
+    load_archive(path, model, hp)
+    weights = archive_folder(path) / "hypernet.safetensors"
+    tensors = load_file(str(weights))
     dropped = sorted(tensors)[0]
-    archive_module.save_file({k: v for k, v in tensors.items() if k != dropped}, str(path / "hypernet.safetensors"))
-    with pytest.raises(ArchiveError, match="tensors missing"):
+    archive_module.save_file({k: v for k, v in tensors.items() if k != dropped}, str(weights))
+    with pytest.raises(ArchiveError, match="hypernet.safetensors fails its checksum"):
         load_archive(path, model, hp)
 
 
@@ -149,6 +148,8 @@ def test_archive_holds_only_safetensors_and_json(tiny4, tmp_path) -> None:
         p.grad = torch.ones_like(p)
     opt.step()
     path = save_archive(tmp_path / "arch", editor, model_name="tiny-smollm2", optimizer=opt)
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000001"]
+    path = archive_folder(path)
     assert sorted(p.name for p in path.iterdir()) == ["hypernet.safetensors", "meta.json", "optimizer.safetensors"]
     json.loads((path / "meta.json").read_text(encoding="utf-8"))
     for name in ("hypernet.safetensors", "optimizer.safetensors"):
@@ -171,7 +172,7 @@ def test_failed_save_keeps_the_previous_archive(tiny4, tmp_path, monkeypatch) ->
     path = save_archive(tmp_path / "arch", first, model_name="tiny-smollm2")
     second = trained_looking(HypernetEditor(model, hp), seed=3)
     save_archive(path, second, model_name="tiny-smollm2")  # replacing an archive works
-    kept = load_file(str(path / "hypernet.safetensors"))
+    kept = load_file(str(archive_folder(path) / "hypernet.safetensors"))
     assert torch.equal(kept["0.(64, 128).lr.weight"], second.nets.state_dict()["0.(64, 128).lr.weight"])
 
     def disk_full(*args, **kwargs):
@@ -180,10 +181,11 @@ def test_failed_save_keeps_the_previous_archive(tiny4, tmp_path, monkeypatch) ->
     monkeypatch.setattr(archive_module, "save_file", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_archive(path, trained_looking(HypernetEditor(model, hp), seed=4), model_name="tiny-smollm2")
-    after = load_file(str(path / "hypernet.safetensors"))
+    after = load_file(str(archive_folder(path) / "hypernet.safetensors"))
     assert after.keys() == kept.keys() and all(torch.equal(after[k], kept[k]) for k in kept)
     assert read_meta(path)["alg_name"] == "MALMEN2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arch"]  # no temporary directories left behind
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000002"]
 
 
 def test_resume_after_two_units_equals_one_run(tiny4, tmp_path, zsre_train_path) -> None:
@@ -196,15 +198,15 @@ def test_resume_after_two_units_equals_one_run(tiny4, tmp_path, zsre_train_path)
     resumed_model = copy.deepcopy(model)
     part = train_hypernet(resumed_model, tok, hp.replace(max_steps=2), records, tmp_path / "resumed", progress=False)
     assert part.state.units_done == 2 and read_meta(tmp_path / "resumed")["train_state"]["units_done"] == 2
-    after_two = load_file(str(tmp_path / "resumed" / "hypernet.safetensors"))
+    after_two = load_file(str(archive_folder(tmp_path / "resumed") / "hypernet.safetensors"))
     rest = train_hypernet(resumed_model, tok, hp, records, tmp_path / "resumed", progress=False)
     assert rest.state.units_done == 3 and rest.state.optimizer_steps == 3 and rest.edits_seen == 2
 
     for name in ("hypernet.safetensors", "optimizer.safetensors"):
-        want = load_file(str(tmp_path / "one" / name))
-        got = load_file(str(tmp_path / "resumed" / name))
+        want = load_file(str(archive_folder(tmp_path / "one") / name))
+        got = load_file(str(archive_folder(tmp_path / "resumed") / name))
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), (name, key)
-    final = load_file(str(tmp_path / "one" / "hypernet.safetensors"))
+    final = load_file(str(archive_folder(tmp_path / "one") / "hypernet.safetensors"))
     assert not torch.equal(final["0.(64, 128).lr.weight"], after_two["0.(64, 128).lr.weight"])  # unit 3 trained

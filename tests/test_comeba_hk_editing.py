@@ -50,6 +50,12 @@ def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("comeba_stats"))
 
 
+def _always_firing(hp: COMEBAHKHyperParams) -> COMEBAHKHyperParams:
+    """``hp`` with ``alpha_z = -inf`` set past validation (the loader refuses it): every token gets the shift."""
+    hp.alpha_z = -math.inf
+    return hp
+
+
 def _hp(stats_dir: str, **changes) -> COMEBAHKHyperParams:
     base = dict(model_name="tiny-llama", layers=[1, 2], v_loss_layer=3, v_num_grad_steps=6, clamp_norm_factor=4.0,
                 mom2_update_weight=10.0, mom2_n_samples=60, mom2_max_len=32, stats_dir=stats_dir,
@@ -85,7 +91,7 @@ def test_edit_raises_target_and_leaves_every_original_parameter_bit_identical(st
     before_params = _params(model)
     before_logits = _logits(model, tok)
     before = [_target_logprob(model, tok, r) for r in REQUESTS]
-    hp = _hp(stats_dir, alpha_z=-math.inf)
+    hp = _always_firing(_hp(stats_dir))
     edited, weights_copy = apply_comeba_hk_to_model(model, tok, REQUESTS, hp, return_orig_weights=True)
     assert edited is model
     after = [_target_logprob(model, tok, r) for r in REQUESTS]
@@ -103,7 +109,7 @@ def test_scope_test_off_equals_memit_c_first_step(stats_dir: str) -> None:
     hooked, tok = _model()
     plain, _ = _model()
     w0 = {n: plain.get_submodule(n).weight.detach().clone() for n in _hp(stats_dir).rewrite_module_names()}
-    apply_comeba_hk_to_model(hooked, tok, REQUESTS, _hp(stats_dir, alpha_z=-math.inf, mask_bos=False))
+    apply_comeba_hk_to_model(hooked, tok, REQUESTS, _always_firing(_hp(stats_dir, mask_bos=False)))
     apply_comeba_hk_to_model(plain, tok, REQUESTS, _hp(stats_dir, alg_name="MEMIT-C"))
     for name, weight0 in w0.items():
         memit_delta = plain.get_submodule(name).weight.detach() - weight0
@@ -257,7 +263,7 @@ def test_step_moves_the_z_layer_output_to_the_target_values(stats_dir: str, monk
     """
     model, tok = _model(arch)
     base = _logits(model, tok)
-    hp = _hp(stats_dir, alpha_z=-math.inf, mom2_update_weight=1e-2, **names)
+    hp = _always_firing(_hp(stats_dir, mom2_update_weight=1e-2, **names))
     captured = {}
     original = comeba_main.compute_target_values
 
@@ -325,7 +331,7 @@ def test_bfloat16_model_edits_with_float32_state(stats_dir: str) -> None:
     model, tok = _model(dtype=torch.bfloat16)
     base = _logits(model, tok)
     before = _target_logprob(model, tok, REQUESTS[0])
-    apply_comeba_hk_to_model(model, tok, REQUESTS, _hp(stats_dir, alpha_z=-math.inf))
+    apply_comeba_hk_to_model(model, tok, REQUESTS, _always_firing(_hp(stats_dir)))
     layer = model.model.layers[1].mlp.down_proj.comeba_hook
     assert layer.delta_w.dtype == torch.float32 and layer.c_accu.dtype == torch.float32
     assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16

@@ -89,7 +89,7 @@ def _check_editing_path(stdout: str, result: dict[str, Any], n_records: int) -> 
 
 def test_batch_edit_smedit_trains_edits_and_reports(runs: dict[str, Run]) -> None:
     stdout, result = runs["batch_edit_smedit"].result()
-    assert result["trained_now"] and (Path(result["archive"]) / "meta.json").is_file()
+    assert result["trained_now"] and (Path(result["archive"]) / "manifest.json").is_file()
     assert "trained SMEdit on 4 facts" in stdout
     _in_unit_interval(result["before"], 4)
     _in_unit_interval(result["after"], 4)
@@ -131,7 +131,8 @@ def test_consecutive_comeba_hk_restores_exactly_and_reloads(runs: dict[str, Run]
     assert "outputs and parameters restored exactly: True" in stdout
     assert "edited outputs reproduced exactly: True" in stdout
     state = Path(result["state_dir"])
-    assert (state / "hook_state.json").is_file() and (state / "hook_state.safetensors").is_file()
+    assert (state / "manifest.json").is_file()
+    assert sorted(p.name for p in (state / "v-000001").iterdir()) == ["hook_state.json", "hook_state.safetensors"]
 
 
 def test_compare_methods_prints_the_table_and_writes_rows(runs: dict[str, Run]) -> None:

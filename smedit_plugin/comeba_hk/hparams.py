@@ -85,7 +85,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     z_chunk_size: int = F(default=16, metadata={"range": (0, None), "help": "facts whose target values are optimised together (exact; bounds the peak memory of a large batch); 0 = the whole batch at once"})
     z_prefix_cache: bool = F(default=True, metadata={"help": "recompute only tokens from the subject on during z steps (exact; false = full forward, needed for flash attention)"})
     context_template_length_params: list[list[int]] = F(default_factory=lambda: [[10, 5]], metadata={"help": "[[tokens, count], ...] of self-generated prefixes (MEMIT: [[10, 5]])"})
-    seed: int = F(default=0, metadata={"help": "seed of the context-template sampler (a local generator; the global RNG is untouched)"})
+    seed: int = F(default=0, metadata={"range": (0, 2**32 - 1), "help": "seed of the context-template sampler (a local generator; the global RNG is untouched)"})
     # -- covariance E[k k^T]
     mom2_adjustment: bool = F(default=True, metadata={"help": "false = identity instead of E[kk^T] (least-norm update)"})
     mom2_update_weight: float = F(default=15000.0, metadata={"range": (0.0, None), "help": "lambda: 15000 consecutive, 5000 single-round (paper)"})
@@ -98,7 +98,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     stats_dir: Optional[str] = F(default=None, metadata={"help": "covariance cache folder; null = <cache_dir>/comeba_hk/stats"})
     # -- hook layers (COMEBA-HK)
     use_hook: Optional[bool] = F(default=None, metadata={"help": "null = true for COMEBA-HK, false for MEMIT-C"})
-    alpha_z: float = F(default=2.2, metadata={"help": "initial z-score threshold; alpha only decreases from here"})
+    alpha_z: float = F(default=2.2, metadata={"range": (0.5, None), "help": "initial z-score threshold; alpha only decreases from here (below ~0.5 the hooks fire on a large share of all tokens, at or below 0 on every token above the mean)"})
     calibrate_with_validated_hooks: bool = F(default=False, metadata={"help": "alpha calibration forward with every hook validated, as at inference (spec A12); false = recording only, as the authors' code"})
     ddof: int = F(default=1, metadata={"range": (0, 1), "help": "std estimator of the scope test (1 = unbiased, as the authors' code)"})
     mask_padding: bool = F(default=True, metadata={"help": "padding never counts in the z-score nor is swapped"})

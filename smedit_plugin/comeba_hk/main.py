@@ -15,6 +15,7 @@ MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -22,8 +23,10 @@ import torch
 from torch import nn
 
 from ..devices import model_input_device
-from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from ..edit_modules import weight_shape_in_out
+from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
+from ..request_checks import check_lengths, check_locality, warn_contradictions
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments
@@ -38,6 +41,10 @@ from .templates import EditRequest, TokenView, generate_context_templates, prepa
 from .update import accumulate_keys, consecutive_update, initial_c_accu, post_norm_residual, spread_residual
 
 logger = logging.getLogger(__name__)
+#: Likely causes of NaN/inf keys or layer deltas, named in the error.
+KEYS_CAUSE = "NaN/inf activations at the rewrite module (float16 overflow; load the model in float32 or bfloat16)"
+DELTA_CAUSE = ("an ill-conditioned or NaN covariance (mom2_update_weight too small, too few covariance samples; try "
+               "cov_ridge > 0), target values that diverged (v_lr too large), or float16 overflow")
 
 
 class _Modules:
@@ -126,8 +133,13 @@ def calibrate_alpha(model: nn.Module, view: TokenView, requests: Sequence[EditRe
     with stop_after(z_block):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     candidates = []
-    for layer in layers:
+    for k, layer in enumerate(layers):
         candidate = alpha_candidate(layer.recorded[0])
+        if candidate is not None and not math.isfinite(candidate):
+            raise NonFiniteUpdateError(f"COMEBA-HK: alpha calibration of hook layer {k + 1} of {len(layers)}: the "
+                                       f"smallest largest z-score is {candidate}; no update of this call is kept. "
+                                       "Likely cause: NaN/inf activations (float16 overflow; load the model in "
+                                       "float32 or bfloat16)")
         layer.alpha.fill_(next_alpha(float(layer.alpha), candidate))
         candidates.append(candidate)
     return candidates
@@ -160,6 +172,9 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                     residuals = _through_post_norm(module, mods.post_norms[i], keys, residuals)
                 c_accu = layer.c_accu
                 delta = consecutive_update(residuals.to(c_accu.device), keys.to(c_accu.device), c_accu)
+                where = f"layer {hp.layers[i]} ({i + 1} of {len(layers)})"
+                require_finite(keys, method=hp.alg_name, where=where, module=mods.names[i], cause=KEYS_CAUSE)
+                require_finite(delta, method=hp.alg_name, where=where, module=mods.names[i], cause=DELTA_CAUSE)
                 with torch.no_grad():
                     if hooks:
                         layer.delta_w.add_(delta.to(layer.delta_w.dtype))
@@ -167,6 +182,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                     else:
                         weight = weight_out_in(module)
                         weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+                        require_finite(weight, method=hp.alg_name, where=where, module=mods.names[i],
+                                       cause=OVERFLOW_CAUSE)
                     accumulate_keys(c_accu, keys.to(c_accu.device))
                 report["residual_norms"].append(float(residuals.norm(dim=0).mean()))
             if hooks:
@@ -201,31 +218,31 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
     if not isinstance(hparams, COMEBAHKHyperParams):
         raise TypeError(f"hparams must be COMEBAHKHyperParams, got {type(hparams).__name__}")
     prepared = prepare_requests(requests)
+    check_locality(requests)
     view = TokenView(tok)
     for request in prepared:
         view.encode_target(request.target_new)
+    prompts = [r.before + r.subject + r.after for r in prepared]
+    check_lengths(tok, prompts, [r.target_new for r in prepared], hparams.max_length)
+    warn_contradictions(prompts, [r.target_new for r in prepared])
     model = maybe_copy_model(model, copy)
     mods = _Modules(model, hparams)
     controller = find_state(model)
     if controller is not None:
         _check_existing_state(controller, hparams, mods.names)
     created = controller is None
-    if created:
-        controller = _create_state(model, tok, hparams, mods, model_input_device(model))
-    else:
+    if not created:
         _adopt_scope_options(model, controller, hparams)
-    tracked = list(state_parameters(model))
-    if not hparams.hooks_enabled:
-        tracked += [f"{name}.weight" for name in mods.names]
-    try:
-        with edit_transaction(model) as snapshot:
-            for name in tracked:
-                snapshot.capture(name)
-            edit_step(model, tok, prepared, hparams, controller, mods)
-    except BaseException:
+    with edit_transaction(model) as snapshot:
         if created:
-            remove_hook_layers(model)
-        raise
+            snapshot.on_restore(lambda: remove_hook_layers(model))
+            controller = _create_state(model, tok, hparams, mods, model_input_device(model))
+        tracked = list(state_parameters(model))
+        if not hparams.hooks_enabled:
+            tracked += [f"{name}.weight" for name in mods.names]
+        for name in tracked:
+            snapshot.capture(name)
+        edit_step(model, tok, prepared, hparams, controller, mods)
     return model, weights_copy_for_easyedit(snapshot, return_orig_weights=return_orig_weights,
                                             keep_original_weight=keep_original_weight)
 

@@ -3,24 +3,29 @@
 The state is a :class:`HookController` on the root model plus one :class:`HookLayer` per edited
 rewrite module, all holding their tensors as non-trainable parameters (see ``hook_layers``).
 Saving writes those tensors (and, for MEMIT-C, the edited rewrite weights, since the original
-ones are gone) to ``hook_state.safetensors`` and the configuration to ``hook_state.json``, both
-atomically. Removing COMEBA-HK state gives back the untouched model.
+ones are gone) to ``hook_state.safetensors`` and the configuration to ``hook_state.json``, published
+together as one version of a versioned directory (``fileio.write_version``: one rename swaps both,
+each file's sha256 is verified on load). Removing COMEBA-HK state gives back the untouched model.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from ..fileio import save_safetensors_atomic, write_json_atomic
+from safetensors.torch import save_file
+
+from ..editing import edit_transaction
+from ..fileio import current_version, is_versioned_dir, leftovers, write_version
 from .covariance import model_fingerprint
 from .hook_layers import CONTROLLER_ATTR, HOOK_ATTR, MODES, HookController, HookLayer, ScopeContext
 from .modules import base_model, get_module, weight_out_in
 
-STATE_FORMAT = "smedit-comeba-hk/1"
+STATE_FORMAT = "smedit-comeba-hk/2"
 STATE_TENSORS = "hook_state.safetensors"
 STATE_JSON = "hook_state.json"
 #: Parameter-name fragments of the plugin's own state (left out of model fingerprints).
@@ -55,16 +60,15 @@ def attach_state(model: nn.Module, info: dict[str, Any], c_accus: list[torch.Ten
     if find_state(model) is not None:
         raise ValueError("the model already carries COMEBA-HK/MEMIT-C state; remove it first with remove_hook_layers(model)")
     scope = ScopeContext(mask_padding, mask_bos, info.get("bos_id"))
-    names = info["rewrite_modules"]
-    for name, c_accu in zip(names, c_accus):
-        module = get_module(model, name, "rewrite_module_tmp")
-        d_out = weight_out_in(module).shape[0] if alpha_z is not None else None
-        layer = HookLayer(c_accu, d_out, alpha_z, ddof, scope)
+    modules = [get_module(model, name, "rewrite_module_tmp") for name in info["rewrite_modules"]]
+    layers = [HookLayer(c_accu, weight_out_in(module).shape[0] if alpha_z is not None else None, alpha_z, ddof, scope)
+              for module, c_accu in zip(modules, c_accus)]
+    controller = HookController(info, scope, c_accus[0].device)
+    model.add_module(CONTROLLER_ATTR, controller)  # first, so remove_hook_layers finds a partly attached state
+    for module, layer in zip(modules, layers):
         module.add_module(HOOK_ATTR, layer)
         if layer.with_hook:
             module.register_forward_hook(layer.forward_hook)
-    controller = HookController(info, scope, c_accus[0].device)
-    model.add_module(CONTROLLER_ATTR, controller)
     if alpha_z is not None:
         decoder = base_model(model)
         decoder.register_forward_pre_hook(controller.capture_inputs, with_kwargs=True)
@@ -125,56 +129,161 @@ def state_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if any(part in name for part in STATE_NAME_PARTS)}
 
 
-def save_hook_state(model: nn.Module, directory: Union[str, Path]) -> Path:
-    """Write the state to ``directory`` (safetensors + JSON, each atomically); returns the folder."""
+class StateError(ValueError):
+    """A saved COMEBA-HK/MEMIT-C state is missing, damaged, or belongs to another model; nothing was attached."""
+
+
+def save_hook_state(model: nn.Module, directory: Union[str, Path], *, overwrite: bool = False) -> Path:
+    """Publish the state as a new version of ``directory`` (safetensors + JSON, swapped in together by one rename).
+
+    An interrupted or failed save leaves the previous state in ``directory`` loadable and unchanged.
+    A non-empty ``directory`` that is not a saved state is refused unless ``overwrite``. Returns the folder.
+    """
     controller = find_state(model)
     if controller is None:
         raise ValueError("the model carries no COMEBA-HK/MEMIT-C state to save")
     folder = Path(directory)
-    tensors = {name: p.detach() for name, p in state_parameters(model).items()}
+    if folder.exists() and not overwrite:
+        if not folder.is_dir():
+            raise FileExistsError(f"{folder} is an existing file; give a folder for the state, or pass overwrite=True")
+        if not is_versioned_dir(folder) and any(p not in leftovers(folder) for p in folder.iterdir()):
+            raise FileExistsError(f"{folder} is a non-empty folder that is not a saved state; give an empty or new "
+                                  "folder, or pass overwrite=True")
+    if overwrite and folder.exists() and not (folder.is_dir() and is_versioned_dir(folder)):
+        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    tensors = {name: p.detach().contiguous().cpu() for name, p in state_parameters(model).items()}
     if controller.info["alg_name"] == "MEMIT-C":
         for name in controller.info["rewrite_modules"]:
-            tensors[f"{name}.weight"] = get_module(model, name, "rewrite_module_tmp").weight.detach()
-    save_safetensors_atomic(tensors, folder / STATE_TENSORS)
+            tensors[f"{name}.weight"] = get_module(model, name, "rewrite_module_tmp").weight.detach().contiguous().cpu()
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise StateError(f"refusing to save: state tensor {name} holds NaN/inf")
     scope = controller.scope
-    write_json_atomic(folder / STATE_JSON, {
-        "format": STATE_FORMAT, **controller.info, "steps": int(controller.steps),
-        "mask_padding": scope.mask_padding, "mask_bos": scope.mask_bos,
-        "ddof": hook_layers(model, controller)[0].ddof,
-    })
+    info = {"format": STATE_FORMAT, **controller.info, "steps": int(controller.steps),
+            "mask_padding": scope.mask_padding, "mask_bos": scope.mask_bos,
+            "ddof": hook_layers(model, controller)[0].ddof,
+            "shapes": {name: [str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()}}
+
+    def write(version: Path) -> None:
+        save_file(tensors, str(version / STATE_TENSORS))
+        (version / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    write_version(folder, STATE_FORMAT, write, StateError)
     return folder
+
+
+_INFO_FIELDS = {"alg_name": str, "layers": list, "rewrite_modules": list, "templates": list, "fingerprint": str,
+                "steps": int, "mask_padding": bool, "mask_bos": bool, "ddof": int, "shapes": dict}
+
+
+def _read_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The verified JSON and tensors of a saved state (checksums, format, fields); raises :class:`StateError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not is_versioned_dir(folder):
+        old = (folder / STATE_JSON).is_file()
+        raise StateError(f"{folder} is a state of an older smedit-plugin (no manifest.json, no checksums); edit and "
+                         "save it again" if old else f"no saved COMEBA-HK/MEMIT-C state at {folder} (no manifest.json)")
+    version = current_version(folder, STATE_FORMAT, StateError)
+    try:
+        info = json.loads((version / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateError(f"{version / STATE_JSON} is not valid JSON ({exc}); the state is damaged") from exc
+    if not isinstance(info, dict) or info.get("format") != STATE_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else None
+        raise StateError(f"{version / STATE_JSON} is not a {STATE_FORMAT} state (format {found!r})")
+    for key, kind in _INFO_FIELDS.items():
+        value = info.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise StateError(f"{version / STATE_JSON}: field {key!r} is missing or not a {kind.__name__}; "
+                             "the state is damaged")
+    try:
+        tensors = load_file(str(version / STATE_TENSORS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StateError(f"{version / STATE_TENSORS} is not a readable safetensors file ({exc}); "
+                         "the state is damaged") from exc
+    return info, tensors
+
+
+def _expected_tensors(model: nn.Module, info: dict[str, Any], hooks: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a state of ``info`` must hold for ``model``."""
+    want: dict[str, tuple[int, ...]] = {f"{CONTROLLER_ATTR}.steps": ()}
+    for name in info["rewrite_modules"]:
+        d_out, d_in = weight_out_in(get_module(model, name, "rewrite_module_tmp")).shape
+        want[f"{name}.{HOOK_ATTR}.c_accu"] = (d_in, d_in)
+        if hooks:
+            want[f"{name}.{HOOK_ATTR}.delta_w"] = (d_out, d_in)
+            want[f"{name}.{HOOK_ATTR}.alpha"] = ()
+        else:
+            want[f"{name}.weight"] = tuple(get_module(model, name, "rewrite_module_tmp").weight.shape)
+    return want
+
+
+def _check_tensors(model: nn.Module, info: dict[str, Any], tensors: dict[str, torch.Tensor], hooks: bool,
+                   file: str) -> None:
+    """Names, shapes, dtypes and finiteness of every saved tensor against what ``model`` needs."""
+    want = _expected_tensors(model, info, hooks)
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise StateError(f"{file}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}; the state is damaged "
+                         "or was saved for other layers")
+    for name, shape in want.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise StateError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, this model needs {shape}")
+        floating = name != f"{CONTROLLER_ATTR}.steps"
+        if tensor.is_floating_point() != floating:
+            raise StateError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected "
+                             f"{'a floating-point' if floating else 'an integer'} tensor")
+        if floating and not bool(tensor.isfinite().all()):
+            raise StateError(f"{file}: tensor {name} holds NaN/inf; the state is damaged")
 
 
 def load_hook_state(model: nn.Module, directory: Union[str, Path]) -> HookController:
     """Attach a saved state to a fresh copy of the same base model, ready to infer or keep editing.
 
-    The model fingerprint must match the one the state was created on (the unedited base model);
-    MEMIT-C then writes the saved edited weights back into the rewrite modules.
+    Everything is checked before anything is attached: checksums, the JSON fields, the model's
+    identity (fingerprint of the unedited base model), and the name, shape, dtype and finiteness of
+    every tensor. If attaching still fails (or is interrupted), the model is put back bit for bit with
+    no hook left. MEMIT-C then writes the saved edited weights back into the rewrite modules.
     """
-    from safetensors.torch import load_file
-
     folder = Path(directory)
-    info = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    if info.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder / STATE_JSON} is not a {STATE_FORMAT} state (format {info.get('format')!r})")
-    tensors = load_file(str(folder / STATE_TENSORS))
+    info, tensors = _read_state(folder)
+    if info["alg_name"] not in ("COMEBA-HK", "MEMIT-C"):
+        raise StateError(f"{folder}: unknown method {info['alg_name']!r} in the saved state")
+    if info["ddof"] not in (0, 1) or not (info.get("bos_id") is None or isinstance(info.get("bos_id"), int)):
+        raise StateError(f"{folder}: fields 'ddof' ({info['ddof']!r}, 0 or 1) or 'bos_id' ({info.get('bos_id')!r}) "
+                         "are malformed; the state is damaged")
     hooks = info["alg_name"] == "COMEBA-HK"
+    if find_state(model) is not None:
+        raise StateError(f"the model already carries COMEBA-HK/MEMIT-C state; remove it with remove_hook_layers(model) "
+                         f"before loading {folder}")
     if original_fingerprint(model) != info["fingerprint"]:
-        raise ValueError(f"{folder} was saved for a different base model (fingerprint {info['fingerprint']}); "
-                         "load it into the model it was edited from")
+        raise StateError(f"{folder} was saved for a different base model (fingerprint {info['fingerprint']}, this "
+                         f"model {original_fingerprint(model)}); load it into the model it was edited from")
     names = info["rewrite_modules"]
-    c_accus = []
-    for name in names:
-        module = get_module(model, name, "rewrite_module_tmp")
-        c_accus.append(tensors[f"{name}.{HOOK_ATTR}.c_accu"].to(module.weight.device))
-    meta = {k: info[k] for k in ("alg_name", "layers", "rewrite_modules", "templates", "bos_id", "fingerprint")}
-    controller = attach_state(model, meta, c_accus, 0.0 if hooks else None, info["ddof"], info["mask_padding"],
-                              info["mask_bos"])
-    with torch.no_grad():
-        for name, param in state_parameters(model).items():
-            param.copy_(tensors[name].to(param.device))
+    try:
+        for name in names:
+            get_module(model, name, "rewrite_module_tmp")
+    except (AttributeError, LookupError, ValueError) as exc:
+        raise StateError(f"{folder}: {exc}") from exc
+    _check_tensors(model, info, tensors, hooks, f"{folder} ({STATE_TENSORS})")
+    meta = {k: info.get(k) for k in ("alg_name", "layers", "rewrite_modules", "templates", "bos_id", "fingerprint")}
+    with edit_transaction(model) as snapshot:
+        snapshot.on_restore(lambda: remove_hook_layers(model))
         if not hooks:
             for name in names:
-                weight = get_module(model, name, "rewrite_module_tmp").weight
-                weight.copy_(tensors[f"{name}.weight"].to(device=weight.device, dtype=weight.dtype))
+                snapshot.capture_module(name)
+        c_accus = [tensors[f"{name}.{HOOK_ATTR}.c_accu"].to(get_module(model, name, "rewrite_module_tmp").weight.device)
+                   for name in names]
+        controller = attach_state(model, meta, c_accus, 0.0 if hooks else None, info["ddof"], info["mask_padding"],
+                                  info["mask_bos"])
+        with torch.no_grad():
+            for name, param in state_parameters(model).items():
+                param.copy_(tensors[name].to(device=param.device, dtype=param.dtype))
+            if not hooks:
+                for name in names:
+                    weight = get_module(model, name, "rewrite_module_tmp").weight
+                    weight.copy_(tensors[f"{name}.weight"].to(device=weight.device, dtype=weight.dtype))
     return controller

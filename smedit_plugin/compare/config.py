@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from ..easyedit_runs import split_method
 from ..hparams import HyperParamsError, MethodHyperParams, load_hparams
-from ..methods import METHODS
+from ..methods import COMPARE_DEFAULT, METHODS
 
 PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",
@@ -135,6 +135,12 @@ def check_config(cfg: CompareConfig) -> None:
     """Every bad setting is reported before a model is loaded or a weight touched."""
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+    if not cfg.methods:
+        raise ValueError(f"--methods is empty; name at least one method (e.g. --methods {','.join(COMPARE_DEFAULT)})")
+    for field, least in (("n_edits", 1), ("num_seq", 1), ("batch_size", 1), ("curve_every", 0)):
+        value = getattr(cfg, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"--{field.replace('_', '-')} must be an integer >= {least}, got {value!r}")
     if cfg.protocol == "batch" and cfg.num_seq != 1:
         raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
     for text in cfg.methods:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from ..editing import maybe_copy_model, weights_copy_for_easyedit
+from ..fileio import MANIFEST
+from ..request_checks import check_locality
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
@@ -36,12 +38,13 @@ def validate_requests(requests: Sequence[dict[str, Any]]) -> tuple[list[str], li
                 raise ValueError(f"request {i}: field {key!r} must be a non-empty string, got {value!r}")
         prompts.append(req["prompt"])
         targets.append(req["target_new"])
+    check_locality(requests)
     return prompts, targets
 
 
 @dataclasses.dataclass(frozen=True)
 class _CachedEditor:
-    archive: tuple[str, Optional[float], str]  # path, meta.json mtime, hypernetwork device
+    archive: tuple[str, Optional[int], str]  # path, manifest.json mtime (ns), hypernetwork device
     hparams: HypernetHyperParams  # a private copy of the hparams the editor was loaded with
     editor: HypernetEditor
 
@@ -55,8 +58,8 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
     if not hparams.archive:
         raise ArchiveError(f"{hparams.alg_name} needs a trained hypernetwork: set `archive:` in the hparams to the "
                            "directory written by `smedit train` (see hparams/TRAINING/)")
-    meta_file = os.path.join(hparams.archive, "meta.json")
-    stamp = os.path.getmtime(meta_file) if os.path.isfile(meta_file) else None
+    manifest = os.path.join(hparams.archive, MANIFEST)
+    stamp = os.stat(manifest).st_mtime_ns if os.path.isfile(manifest) else None
     device = hypernet_device(hparams)
     archive = (os.path.abspath(hparams.archive), stamp, str(device))
     cached = _EDITORS.get(model)

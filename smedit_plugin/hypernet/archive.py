@@ -1,7 +1,10 @@
-"""Trained-hypernetwork archives: safetensors weights + JSON metadata in one directory.
+"""Trained-hypernetwork archives: safetensors weights + JSON metadata in a versioned directory.
 
 Nothing is pickled, so loading can never execute code (stricter than ``torch.load(weights_only=True)``).
-A directory is replaced atomically: it is written beside the target and renamed over it.
+Every save publishes a complete new version with one rename (:func:`~smedit_plugin.fileio.write_version`),
+so the directory always holds a loadable archive; loading verifies each file's sha256, the
+structure, the model's identity and every tensor's name, shape, dtype and finiteness before the
+editor is filled.
 """
 from __future__ import annotations
 
@@ -9,23 +12,26 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fileio import current_version, is_versioned_dir, write_version
 from .editor import HypernetEditor
 from .hparams import HypernetHyperParams
 from .trainer import TrainState
 
-FORMAT = "smedit-hypernet/1"
+FORMAT = "smedit-hypernet/2"
 WEIGHTS = "hypernet.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 META = "meta.json"
+#: Largest relative distance between the recorded and the live identity probe still taken for the same
+#: model: covers bf16/fp16 rounding (< 1 %); another checkpoint of the same shape differs by ~140 %.
+PROBE_TOLERANCE = 0.05
 
 
 class ArchiveError(ValueError):
@@ -53,17 +59,26 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -
 
 
 def _load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor],
-                          opt_meta: dict, path: Union[str, os.PathLike]) -> None:
+                          opt_meta: Any, source: Path) -> None:
     """Adam moments and step counts through ``load_state_dict``, which puts each on the device torch expects.
 
     Hyperparameters (lr, betas) stay those of the live hparams, so a resumed run can change ``meta_lr``.
+    Every entry is checked (index, shape, finiteness) before the optimizer is touched.
     """
-    if opt_meta.get("n_params") != len(params):
-        raise ArchiveError(f"archive {path}: optimizer state is for {opt_meta.get('n_params')} hypernetwork "
-                           f"tensors, the editor has {len(params)}")
+    if not isinstance(opt_meta, dict) or opt_meta.get("n_params") != len(params):
+        found = opt_meta.get("n_params") if isinstance(opt_meta, dict) else None
+        raise ArchiveError(f"{source}: optimizer state is for {found} hypernetwork tensors, the editor has {len(params)}")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or not name:
+            raise ArchiveError(f"{source}: unexpected optimizer tensor {key!r}")
+        param = params[int(index)]
+        if name in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(param.shape):
+            raise ArchiveError(f"{source}: optimizer tensor {key!r} has shape {tuple(value.shape)}, "
+                               f"its parameter {tuple(param.shape)}")
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ArchiveError(f"{source}: optimizer tensor {key!r} holds NaN/inf")
         state.setdefault(int(index), {})[name] = value
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
               for g in opt.param_groups]
@@ -73,55 +88,72 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]
 def save_archive(path: Union[str, os.PathLike], editor: HypernetEditor, *, model_name: str,
                  optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None,
                  extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write the archive directory atomically (a crash leaves the previous archive intact)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in editor.nets.state_dict().items()}, str(tmp / WEIGHTS))
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "alg_name": editor.hparams.alg_name,
-            "model_name": model_name,
-            "num_seq": editor.num_seq,
-            "structure": editor.describe(),
-            "hparams": editor.hparams.to_dict(),
-            "versions": _versions(),
-            "train_state": dataclasses.asdict(state) if state is not None else None,
-            **(extra or {}),
-        }
+    """Publish a new version of the archive at ``path`` (a crash or Ctrl-C leaves the previous one intact).
+
+    The editor's ``identity`` (a probe of the model it was built on, see
+    :func:`~smedit_plugin.hypernet.editor.identity_probe`) is recorded so that loading can refuse
+    another model of the same shapes. Returns ``path``.
+    """
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "alg_name": editor.hparams.alg_name,
+        "model_name": model_name,
+        "identity_probe": editor.identity,
+        "num_seq": editor.num_seq,
+        "structure": editor.describe(),
+        "hparams": editor.hparams.to_dict(),
+        "versions": _versions(),
+        "train_state": dataclasses.asdict(state) if state is not None else None,
+        **(extra or {}),
+    }
+    weights = {k: v.detach().contiguous().cpu() for k, v in editor.nets.state_dict().items()}
+    opt_tensors: dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer, editor.unique_parameters())
+
+    def write(folder: Path) -> None:
+        save_file(weights, str(folder / WEIGHTS))
         if optimizer is not None:
-            tensors, opt_meta = _optimizer_tensors(optimizer, editor.unique_parameters())
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / OPTIMIZER))
-            meta["optimizer"] = opt_meta
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        if backup is not None:
-            shutil.rmtree(backup)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(folder / OPTIMIZER))
+        (folder / META).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+    write_version(path, FORMAT, write, ArchiveError)
+    return Path(path)
+
+
+def archive_folder(path: Union[str, os.PathLike]) -> Path:
+    """The folder of the archive's published version, every file's checksum verified."""
+    p = Path(path)
+    if not is_versioned_dir(p):
+        if (p / META).is_file():
+            raise ArchiveError(f"{p} is an archive of an older smedit-plugin (no manifest.json, no checksums); "
+                               "train it again with `smedit train`")
+        raise ArchiveError(f"no hypernetwork archive at {p} (expected manifest.json naming {META} and {WEIGHTS}); "
+                           "train one with `smedit train HPARAMS --data FILE --out DIR` and set `archive: DIR`")
+    return current_version(p, FORMAT, ArchiveError)
+
+
+_META_FIELDS = {"alg_name": str, "model_name": str, "identity_probe": list, "num_seq": int, "structure": dict,
+                "hparams": dict}
 
 
 def read_meta(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    p = Path(path)
-    if not (p / META).is_file() or not (p / WEIGHTS).is_file():
-        raise ArchiveError(f"no hypernetwork archive at {p} (expected {META} and {WEIGHTS}); "
-                           "train one with `smedit train HPARAMS --data FILE --out DIR` and set `archive: DIR`")
+    """The archive's metadata, after its checksums and required fields are verified."""
+    return _meta_of(archive_folder(path))
+
+
+def _meta_of(folder: Path) -> dict[str, Any]:
+    file = folder / META
     try:
-        meta = json.loads((p / META).read_text(encoding="utf-8"))
+        meta = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"{p / META} is not valid JSON ({exc}); the archive is damaged, train or copy it again") from exc
+        raise ArchiveError(f"{file} is not valid JSON ({exc}); the archive is damaged, train or copy it again") from exc
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != FORMAT:
-        raise ArchiveError(f"{p}: unknown archive format {found!r} (expected {FORMAT!r})")
+        raise ArchiveError(f"{file}: unknown archive format {found!r} (expected {FORMAT!r})")
+    for key, kind in _META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ArchiveError(f"{file}: field {key!r} is missing or not a {kind.__name__}; the archive is damaged")
     return meta
 
 
@@ -137,28 +169,69 @@ def check_compatible(meta: dict[str, Any], editor: HypernetEditor, path: Union[s
             diffs.append(f"{key}: archive {have.get(key)!r}, model/hparams {want.get(key)!r}")
     if diffs:
         raise ArchiveError(f"archive {path} does not match this model and hparams:\n  - " + "\n  - ".join(diffs))
+    recorded, live = meta["identity_probe"], editor.identity
+    if len(recorded) != len(live) or not all(isinstance(x, (int, float)) for x in recorded):
+        raise ArchiveError(f"archive {path}: meta.json field 'identity_probe' is malformed; the archive is damaged")
+    if live:
+        saved, current = torch.tensor(recorded, dtype=torch.float64), torch.tensor(live, dtype=torch.float64)
+        distance = float((current - saved).norm() / saved.norm().clamp_min(1e-12))
+        if not distance <= PROBE_TOLERANCE:
+            raise ArchiveError(
+                f"archive {path} was trained on another model ({meta['model_name']!r}): this model's weights differ "
+                f"from that one's by {100 * distance:.0f} % at the probed entries (at most {100 * PROBE_TOLERANCE:.0f} % "
+                "allowed, for dtype rounding); load it into the model it was trained on, or train one for this model")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArchiveError(f"{file} is not a readable safetensors file ({exc}); the archive is damaged") from exc
+
+
+def _check_weights(tensors: dict[str, torch.Tensor], editor: HypernetEditor, file: Path) -> None:
+    """Names, shapes, dtypes and finiteness of every hypernetwork tensor, before any is loaded."""
+    want = editor.nets.state_dict()
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise ArchiveError(f"{file}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(want[key].shape) or value.dtype != want[key].dtype:
+            raise ArchiveError(f"{file}: tensor {key!r} is {value.dtype} {tuple(value.shape)}, the editor expects "
+                               f"{want[key].dtype} {tuple(want[key].shape)}")
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            raise ArchiveError(f"{file}: tensor {key!r} holds NaN/inf; the archive is damaged or training diverged")
 
 
 def load_archive(path: Union[str, os.PathLike], model: nn.Module, hparams: HypernetHyperParams, *,
                  with_optimizer: bool = False, device: Optional[torch.device] = None):
-    """Build an editor for ``model`` and fill it from the archive (strict keys, checked shapes).
+    """Build an editor for ``model`` and fill it from the archive, after checking everything.
 
-    Returns ``(editor, meta)`` or, with ``with_optimizer``, ``(editor, meta, optimizer, state)``.
+    Checksums, metadata, structure, the model's identity and every tensor are verified first; the
+    model itself is never written. Returns ``(editor, meta)`` or, with ``with_optimizer``,
+    ``(editor, meta, optimizer, state)``.
     """
-    meta = read_meta(path)
+    folder = archive_folder(path)
+    meta = _meta_of(folder)
+    if meta["num_seq"] < 1:
+        raise ArchiveError(f"{folder / META}: field 'num_seq' = {meta['num_seq']} must be >= 1; the archive is damaged")
     editor = HypernetEditor(model, hparams, num_seq=meta["num_seq"], device=device)
     check_compatible(meta, editor, path)
-    state_dict = load_file(str(Path(path) / WEIGHTS), device=str(editor.device))
-    missing, unexpected = editor.nets.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise ArchiveError(f"archive {path}: tensors missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    tensors = _read_tensors(folder / WEIGHTS)
+    _check_weights(tensors, editor, folder / WEIGHTS)
+    opt_tensors = None
+    if with_optimizer and (folder / OPTIMIZER).is_file():
+        opt_tensors = _read_tensors(folder / OPTIMIZER)
+    ts = meta.get("train_state") if with_optimizer else None
+    try:
+        state = TrainState(**ts) if ts else TrainState()
+    except TypeError as exc:
+        raise ArchiveError(f"{folder / META}: field 'train_state' is malformed ({exc})") from exc
+    editor.nets.load_state_dict({k: v.to(editor.device) for k, v in tensors.items()}, strict=True)
     if not with_optimizer:
         return editor, meta
     params = editor.unique_parameters()
     opt = torch.optim.Adam(params, lr=hparams.meta_lr)
-    opt_file = Path(path) / OPTIMIZER
-    if opt_file.is_file():
-        _load_optimizer_state(opt, params, load_file(str(opt_file)), meta.get("optimizer", {}), path)
-    ts = meta.get("train_state")
-    state = TrainState(**ts) if ts else TrainState()
+    if opt_tensors is not None:
+        _load_optimizer_state(opt, params, opt_tensors, meta.get("optimizer"), folder / OPTIMIZER)
     return editor, meta, opt, state

@@ -14,7 +14,9 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..editing import WeightsSnapshot, edit_transaction
+from ..request_checks import check_lengths, warn_contradictions
 from ..edit_modules import resolve_edit_modules
+from ..errors import OVERFLOW_CAUSE, require_finite
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams
@@ -22,6 +24,29 @@ from .network import HyperNet, build_hypernets, shape_key
 from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
+
+
+#: Likely causes of a NaN/inf ``param_shift``, named in the error.
+SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
+               "is from a training run that diverged, or the model's gradients overflowed in float16 "
+               "(load it in float32 or bfloat16)")
+#: Entries of the model's identity probe (:func:`identity_probe`).
+PROBE_SIZE = 64
+
+
+def identity_probe(model: nn.Module, edit_modules: Sequence[str]) -> list[float]:
+    """``PROBE_SIZE`` entries, at fixed positions, of the model's first parameter that no edit touches.
+
+    For a transformers model that is the token embedding. It identifies the model an archive was
+    trained on; the edit modules themselves cannot, since edits that accumulate in them are legitimate.
+    """
+    edited = {f"{name}.weight" for name in edit_modules}
+    param = next((p for n, p in model.named_parameters() if n not in edited), None)
+    if param is None:
+        return []
+    flat = param.detach().reshape(-1)
+    positions = torch.randint(flat.numel(), (PROBE_SIZE,), generator=torch.Generator().manual_seed(0))
+    return flat[positions.to(flat.device)].float().cpu().tolist()
 
 
 def hypernet_device(hparams: HypernetHyperParams) -> Optional[torch.device]:
@@ -62,6 +87,7 @@ class HypernetEditor(nn.Module):
             idx = built[0][1]
             self.nets = nn.ModuleList([b[0] for b in built])
         self.module_idx = idx
+        self.identity = identity_probe(model, self.module_names)
         self.to(self.device)
 
     # -- structure ------------------------------------------------------------------------
@@ -111,7 +137,11 @@ class HypernetEditor(nn.Module):
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
                                                    c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
             shifts[name], solvers[name] = shift, solver
+            where = f"BP step {step + 1} of {self.hparams.bp_steps}"
+            require_finite(shift, method=self.hparams.alg_name, where=where, module=name, cause=SHIFT_CAUSE)
             add_param_shift_(self._modules_ref[name], shift)
+            require_finite(self._modules_ref[name].weight, method=self.hparams.alg_name, where=where, module=name,
+                           cause=OVERFLOW_CAUSE)
         return StepRecord(step, caches, shifts, solvers)
 
     def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
@@ -165,6 +195,8 @@ def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[
     edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
     back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
     """
+    check_lengths(tok, prompts, targets, editor.hparams.max_length)
+    warn_contradictions(prompts, targets)
     with edit_transaction(model, snapshot) as snapshot:
         for name in editor.module_names:
             snapshot.capture_module(name)

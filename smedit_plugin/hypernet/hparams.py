@@ -34,6 +34,12 @@ def _rank_fits(hp: "HypernetHyperParams") -> Optional[str]:
     return None
 
 
+def _max_steps_not_zero(hp: "HypernetHyperParams") -> Optional[str]:
+    if hp.max_steps == 0:
+        return "field 'max_steps' = 0 would train nothing; use -1 for one full pass or a positive number of units"
+    return None
+
+
 def _fill_bp_steps(hp: "HypernetHyperParams") -> Optional[str]:
     """A null ``bp_steps`` takes the method's default from the table (1 for the one-step baselines)."""
     if hp.bp_steps is None:
@@ -72,9 +78,9 @@ class HypernetHyperParams(MethodHyperParams):
     val_n_edits: int = F(default=64, metadata={"range": (1, None), "help": "facts per edit batch of the ES/GS/LS check on the validation records"})
     val_fraction: float = F(default=0.0, metadata={"range": (0.0, 0.5), "help": "share of the training records held out (seeded) as the validation split when no validation file is given; 0 = none"})
     early_stop_patience: int = F(default=0, metadata={"range": (0, None), "help": "stop after this many validations without a lower validation loss (0 = run every epoch); the archive keeps the best networks either way"})
-    seed: int = 0
+    seed: int = F(default=0, metadata={"range": (0, 2**32 - 1), "help": "seed of the network initialisation and the training order"})
 
-    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits)
+    _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits, _max_steps_not_zero)
     #: Method defaults for ``shared_hypernet`` when the field is null.
     SHARED_DEFAULT: ClassVar[str] = "always"
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -20,10 +21,9 @@ from torch import nn
 
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
-from ..fileio import write_json_atomic
-from .editor import edit_batch
-from .archive import load_archive, read_meta, save_archive
-from .editor import HypernetEditor, hypernet_device
+from ..fileio import MANIFEST, is_versioned_dir, leftovers, read_manifest, remove_leftovers
+from .archive import FORMAT, ArchiveError, load_archive, read_meta, save_archive
+from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
 from .trainer import MetaTrainer, TrainState
 
@@ -89,23 +89,91 @@ def split_validation(records: Sequence[EditRecord], fraction: float, seed: int) 
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
+def check_out_dir(out: Union[str, os.PathLike], hparams: HypernetHyperParams, model_name: str, *,
+                  overwrite: bool = False) -> bool:
+    """Whether ``out`` holds an archive of this run to resume; refuses anything else that is there.
+
+    ``out`` may be missing, an empty folder, or an archive of the same method and model (possibly
+    with what an interrupted save left beside it). Any other file or folder content, and a damaged
+    archive, raise unless ``overwrite`` (then it is replaced when training starts). Cheap: called by
+    ``smedit train`` before the model is loaded.
+    """
+    path = Path(out)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        if overwrite:
+            return False
+        raise FileExistsError(f"--out {path} is an existing file; give a folder for the archive, or pass --overwrite "
+                              "to replace the file")
+    ours = {MANIFEST, _published(path)} | {p.name for p in leftovers(path)}
+    foreign = [p.name for p in path.iterdir() if p.name not in ours]
+    if not is_versioned_dir(path):
+        if foreign and not overwrite:
+            raise FileExistsError(f"--out {path} is a non-empty folder that is not an archive ({', '.join(sorted(foreign)[:5])}"
+                                  f"{' ...' if len(foreign) > 5 else ''}); give an empty or new folder, or pass "
+                                  "--overwrite to delete its contents")
+        return False
+    try:
+        meta = read_meta(path)
+    except ArchiveError as exc:
+        if overwrite:
+            return False
+        raise ArchiveError(f"--out {path}: {exc}; pass --overwrite to replace it") from exc
+    if (meta["alg_name"], meta["model_name"]) != (hparams.alg_name, model_name) or foreign:
+        if overwrite:
+            return False
+        raise FileExistsError(
+            f"--out {path} holds an archive of {meta['alg_name']} on {meta['model_name']!r}"
+            + (f" and other files ({', '.join(sorted(foreign)[:5])})" if foreign else "")
+            + f", not of this run ({hparams.alg_name} on {model_name!r}); give another folder or pass --overwrite")
+    return bool(meta.get("train_state"))
+
+
+def _published(path: Path) -> Optional[str]:
+    """The version folder the archive's manifest names (None without a readable one)."""
+    try:
+        manifest = read_manifest(path, FORMAT, ArchiveError)
+    except ArchiveError:
+        return None
+    return manifest["version"] if manifest else None
+
+
+def _clear(path: Path) -> None:
+    """Remove what ``--overwrite`` replaces: a file, or every entry of a folder except a published archive version
+    (replaced by the first save of the new run, so the folder never goes without one)."""
+    keep = {MANIFEST, _published(path)} if path.is_dir() and is_versioned_dir(path) else set()
+    entries = [e for e in path.iterdir() if e.name not in keep] if path.is_dir() else [path] if path.exists() else []
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_records: Sequence[EditRecord],
                    out_dir: Union[str, os.PathLike], *, val_records: Optional[Sequence[EditRecord]] = None,
                    model_name: Optional[str] = None, resume: bool = True, progress: bool = True,
-                   dataset: str = "zsre") -> TrainResult:
+                   dataset: str = "zsre", overwrite: bool = False) -> TrainResult:
     """Train (or resume training of) the method's hypernetworks and write the archive to ``out_dir``.
 
     Validation records (``val_records``, else a ``val_fraction`` of ``train_records``) are scored after
-    every epoch; the archive then holds the networks with the lowest validation loss.
+    every epoch; the archive then holds the networks with the lowest validation loss. ``out_dir`` is
+    checked by :func:`check_out_dir` first (``overwrite`` replaces what is not an archive of this run).
+    A resumed run removes what an interrupted save left and continues from the last published version.
     """
     out = Path(out_dir)
     if val_records is None and hparams.val_fraction > 0:
         train_records, val_records = split_validation(train_records, hparams.val_fraction, hparams.seed)
     name = model_name or (hparams.model_name if isinstance(hparams.model_name, str) else "in-memory-model")
-    if resume and (out / "meta.json").is_file() and read_meta(out).get("train_state"):
+    resumable = check_out_dir(out, hparams, name, overwrite=overwrite)
+    if resume and resumable:
+        remove_leftovers(out)
         editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True, device=hypernet_device(hparams))
         trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt, state=state)
     else:
+        if overwrite:
+            _clear(out)
         torch.manual_seed(hparams.seed)
         trainer = MetaTrainer(model, tok, hparams)
 
@@ -122,11 +190,9 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
     edits_before = trainer.state.edits_seen
     state = trainer.train(train_records, validate=validate if val_records else None, checkpoint=checkpoint,
                           progress=progress)
-    save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state)
     result = TrainResult(out, state, state.seconds - seconds_before, state.edits_seen - edits_before)
-    meta = json.loads((out / "meta.json").read_text())
-    meta.update({"complete": True, "train_s_per_edit": result.seconds_per_edit})
-    write_json_atomic(out / "meta.json", meta)
+    save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state,
+                 extra={"complete": True, "train_s_per_edit": result.seconds_per_edit})
     return result
 
 
@@ -146,7 +212,7 @@ class TrainedArchive:
 def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: str, train_data: Path) -> str:
     """The one cache key of a trained archive: method, model, dataset, every training field and the data bytes."""
     h = hashlib.sha256()
-    for part in (train_hp.alg_name, model_key, dataset, train_hp.to_dict(), train_data):
+    for part in (FORMAT, train_hp.alg_name, model_key, dataset, train_hp.to_dict(), train_data):
         if isinstance(part, Path) and part.is_file():
             h.update(part.read_bytes())
         else:
@@ -165,10 +231,12 @@ def ensure_trained(model: nn.Module, tok, train_hp: HypernetHyperParams, train_r
                    archive: Path, *, model_key: str, dataset: str, retrain: bool = False,
                    progress: bool = True) -> TrainedArchive:
     """``archive`` as it is when a completed training wrote it, else trained (or resumed, unless ``retrain``) now."""
-    if not retrain and (archive / "meta.json").is_file() and read_meta(archive).get("complete"):
-        return TrainedArchive(archive, read_meta(archive).get("train_s_per_edit"))
+    if not retrain and is_versioned_dir(archive):
+        meta = read_meta(archive)
+        if meta.get("complete"):
+            return TrainedArchive(archive, meta.get("train_s_per_edit"))
     result = train_hypernet(model, tok, train_hp, train_records, archive, model_name=model_key, dataset=dataset,
-                            progress=progress, resume=not retrain)
+                            progress=progress, resume=not retrain, overwrite=retrain)
     return TrainedArchive(archive, result.seconds_per_edit, result)
 
 
