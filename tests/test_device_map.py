@@ -121,3 +121,41 @@ def test_general_check_scores_on_a_spread_model_equal_one_device() -> None:
         scores = score_choices(spread_model, tok, prompts, choices, batch_size=2)
     for row, want in zip(scores, expected):
         assert row == pytest.approx(want, abs=1e-5)
+
+
+def _offload_block_2(model: nn.Module) -> None:
+    """Accelerate's cpu offload of one block: its weights on meta between forwards, as with device_map offload."""
+    from accelerate import cpu_offload
+
+    cpu_offload(model.model.layers[2], execution_device=torch.device("cpu"))
+
+
+def _logits(model: nn.Module, tok) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tok("Paris is the capital of France", return_tensors="pt")).logits
+
+
+@pytest.mark.parametrize("alg", ["COMEBA-HK", "MEMIT-C"])
+def test_comeba_hk_refuses_offloaded_rewrite_modules_before_any_change(tmp_path, alg: str) -> None:
+    model, tok = tiny_model("llama3", n_layers=4)
+    _offload_block_2(model)
+    before, params = _logits(model, tok), _params(model)
+    hp = COMEBAHKHyperParams(model_name="tiny-llama", alg_name=alg, layers=[1, 2], v_loss_layer=3,
+                             mom2_n_samples=20, mom2_max_len=32, stats_dir=str(tmp_path), **LLAMA)
+    with pytest.raises(ValueError, match=r"rewrite_module_tmp.*model\.layers\.2\.mlp\.down_proj.*offloaded"):
+        apply_comeba_hk_to_model(model, tok, REQUESTS, hp)
+    assert torch.equal(_logits(model, tok), before)
+    assert all(torch.equal(p, params[n]) for n, p in _params(model).items() if not p.is_meta)
+    assert not hasattr(model, "comeba_hk_state")
+
+
+def test_hypernetwork_refuses_offloaded_edit_modules_before_any_change() -> None:
+    model, tok = tiny_model("llama3", n_layers=4)
+    hp = MALMEN2HyperParams(model_name="tiny-llama", edit_modules=EDIT_MODULES, rank=4, n_blocks=2)
+    editor = HypernetEditor(model, hp, device=torch.device("cpu"))
+    _offload_block_2(model)
+    before = _logits(model, tok)
+    with pytest.raises(ValueError, match=r"edit_modules.*model\.layers\.2\.mlp\.up_proj.*offloaded"):
+        editor.bind(model)
+        edit_batch(model, tok, editor, ["The capital of France is"], ["Rome"])
+    assert torch.equal(_logits(model, tok), before)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..devices import model_input_device
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
-from ..edit_modules import weight_shape_in_out
+from ..edit_modules import refuse_offloaded, weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments
@@ -58,6 +58,7 @@ class _Modules:
                 weight_shape_in_out(module)
             except ValueError as exc:
                 raise ValueError(f"hparams field 'rewrite_module_tmp': {name}: {exc}") from None
+        refuse_offloaded(model, self.names, "rewrite_module_tmp")
         self.blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp") for layer in hp.layers]
         self.z_block = self.blocks[-1]
         self.upper_blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp")
