@@ -39,3 +39,59 @@ def test_comeba_hk_state_keeps_its_dtype_and_values_after_model_to_bfloat16(stat
     assert layer.delta_w.dtype == torch.float32 and torch.equal(layer.delta_w, saved["delta_w"])
     apply_comeba_hk_to_model(model, tok, REQUESTS[:1], _hp(stats_dir, alpha_z=-math.inf, mom2_dtype=mom2_dtype))
     assert layer.delta_w.dtype == torch.float32 and not torch.equal(layer.delta_w, saved["delta_w"])
+
+
+EDIT_MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+
+
+def _bf16_edit(monkeypatch, option):
+    """A 2-step MALMEN2 edit of a bf16 tiny model; returns (weights before, shifts added, weights after, report)."""
+    from smedit_plugin.hypernet import editor as editor_module
+    from smedit_plugin.hypernet.apply import apply_steps
+    from smedit_plugin.hypernet.editor import HypernetEditor
+    from smedit_plugin.hypernet.shifts import add_param_shift_, from_in_out
+    from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
+
+    model, tok = tiny_model("llama3", n_layers=4)
+    model.to(torch.bfloat16)
+    hp = MALMEN2HyperParams(model_name="tiny-llama", edit_modules=EDIT_MODULES, rank=4, n_blocks=2, lr=1e-2,
+                            bp_steps=2, fp32_edit_weights=option)
+    editor = HypernetEditor(model, hp, device=torch.device("cpu"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in editor.nets.parameters():
+            p.add_(1e-2 * torch.randn(p.shape, generator=gen))
+    shifts: dict[str, list[torch.Tensor]] = {name: [] for name in EDIT_MODULES}
+
+    def recording_add(module, param_shift, scale=1.0):
+        name = next(n for n in EDIT_MODULES if model.get_submodule(n) is module)
+        shifts[name].append(from_in_out(module, param_shift.detach().float() * scale).clone())
+        add_param_shift_(module, param_shift, scale)
+
+    monkeypatch.setattr(editor_module, "add_param_shift_", recording_add)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in EDIT_MODULES}
+    report = apply_steps(model, tok, editor, ["The capital of France is", "Hamlet was written by"],
+                         ["Rome", "Christopher Marlowe"])
+    after = {n: model.get_submodule(n).weight.detach().clone() for n in EDIT_MODULES}
+    return before, shifts, after, report
+
+
+def test_bf16_hypernetwork_edit_equals_the_bf16_rounding_of_fp32_weight_plus_fp32_shifts(monkeypatch) -> None:
+    before, shifts, after, report = _bf16_edit(monkeypatch, None)
+    for name in EDIT_MODULES:
+        assert len(shifts[name]) == 2 and after[name].dtype == torch.bfloat16
+        exact = before[name].float()
+        for shift in shifts[name]:
+            exact = exact + shift
+        assert torch.equal(after[name], exact.to(torch.bfloat16)), name
+        assert 0 < report.relative_error[name] < 10
+    # adding each step's shift straight into bf16 weights (the option off) does not give that value
+    before, shifts, after, report = _bf16_edit(monkeypatch, False)
+    assert not report.relative_error
+    mismatched = 0
+    for name in EDIT_MODULES:
+        exact = before[name].float()
+        for shift in shifts[name]:
+            exact = exact + shift
+        mismatched += int((after[name] != exact.to(torch.bfloat16)).sum())
+    assert mismatched > 0

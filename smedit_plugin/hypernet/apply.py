@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..editing import WeightsSnapshot, edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -68,21 +69,29 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
     return cached.editor
 
 
-def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str]) -> None:
-    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen."""
+def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str],
+                targets: Sequence[str]) -> RoundingReport:
+    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
+
+    With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
+    that are rounded once at the end; the report holds that rounding error (0 in float32).
+    """
     mbs = editor.edit_micro_batches(tok, prompts, targets)
-    weights = [editor.edit_module(n).weight for n in editor.module_names]
+    modules = {n: editor.edit_module(n) for n in editor.module_names}
+    weights = [m.weight for m in modules.values()]
     flags = [w.requires_grad for w in weights]
     editor.set_normaliser_frozen(True)
     try:
-        for w in weights:
-            w.requires_grad_(True)
-        for s in range(editor.hparams.bp_steps):
-            editor.bp_step(model, mbs, s, update_normaliser=False)
+        with float32_edit_weights(modules, wants_float32(modules, editor.hparams.fp32_edit_weights)) as rounding:
+            for w in weights:
+                w.requires_grad_(True)
+            for s in range(editor.hparams.bp_steps):
+                editor.bp_step(model, mbs, s, update_normaliser=False)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
+    return rounding
 
 
 def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],

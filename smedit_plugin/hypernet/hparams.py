@@ -58,6 +58,7 @@ class HypernetHyperParams(MethodHyperParams):
     chunk_size: int = F(default=1024, metadata={"range": (1, None), "help": "hypernetwork rows per chunk (no effect on results)"})
     micro_batch_size: int = F(default=4, metadata={"range": (1, None), "help": "examples per LLM forward; losses are summed over micro-batches"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
+    fp32_edit_weights: Optional[bool] = F(default=None, metadata={"help": "hold the edit modules in float32 during an edit and round once at the end (costs one float32 copy of each edited weight); null = on for bf16/fp16 models"})
     hypernet_device: Optional[Union[int, str]] = F(default=None, metadata={"help": "device of the hypernetwork; null = the model's device"})
     # meta-training
     n_edits: int = F(default=64, metadata={"range": (1, None), "help": "facts per training edit batch"})
