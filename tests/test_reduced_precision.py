@@ -95,3 +95,29 @@ def test_bf16_hypernetwork_edit_equals_the_bf16_rounding_of_fp32_weight_plus_fp3
             exact = exact + shift
         mismatched += int((after[name] != exact.to(torch.bfloat16)).sum())
     assert mismatched > 0
+
+
+@pytest.mark.parametrize("option", [None, False])
+def test_bf16_memit_c_step_rounds_fp32_weight_plus_delta_once(stats_dir: str, monkeypatch, option) -> None:
+    from smedit_plugin.comeba_hk import main as comeba_main
+
+    model, tok = tiny_model("llama3", n_layers=4)
+    model.to(torch.bfloat16)
+    deltas = []
+    real_update = comeba_main.consecutive_update
+
+    def recording_update(*args):
+        deltas.append(real_update(*args))
+        return deltas[-1]
+
+    monkeypatch.setattr(comeba_main, "consecutive_update", recording_update)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (1, 2)]
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    apply_comeba_hk_to_model(model, tok, REQUESTS, _hp(stats_dir, alg_name="MEMIT-C", fp32_edit_weights=option))
+    mismatched = 0
+    for name, delta in zip(names, deltas):
+        weight = model.get_submodule(name).weight
+        assert weight.dtype == torch.bfloat16
+        expected = (before[name].float() + delta.float()).to(torch.bfloat16)
+        mismatched += int((weight != expected).sum())
+    assert (mismatched == 0) == (option is None)

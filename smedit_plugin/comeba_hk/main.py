@@ -10,7 +10,8 @@ A step, for a batch of requests and the edited layers ``L`` (lowest first):
    ``delta_w += Delta_l``, ``C_accu += K_l K_l^T``, hook on ``l`` becomes *validated*;
 4. calibrate ``alpha_l <- min(alpha_l, min_x max_t z_t)`` on the batch's prompts with recording hooks.
 
-MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and no hooks.
+MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and no hooks (for a bf16/fp16
+model into float32 copies of the rewrite weights, rounded once at the end of the step).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..devices import model_input_device
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..precision import float32_edit_weights, wants_float32
 from ..edit_modules import refuse_offloaded, weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
@@ -144,8 +146,10 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     hooks = hp.hooks_enabled
     report: dict[str, Any] = {"residual_norms": []}
     tick = time.perf_counter()
+    rewrite = dict(zip(mods.names, mods.rewrite))
+    in_float32 = not hooks and wants_float32(rewrite, hp.fp32_edit_weights)
     try:
-        with frozen_eval(model):
+        with frozen_eval(model), float32_edit_weights(rewrite, in_float32) as rounding:
             if hooks:
                 set_mode(layers, "validated")
             z, z_info = compute_target_values(model, view, requests, groups, mods.z_block, mods.upper_blocks, mods.ln_f,
@@ -179,6 +183,7 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     finally:
         if hooks:
             set_mode(layers, "validated")
+    report["rounding_error"] = rounding.relative_error
     report["seconds"] = time.perf_counter() - tick
     logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, residual norms %s, alpha %s)",
                 hp.alg_name, int(controller.steps), len(requests), report["seconds"], report["z_seconds"],
