@@ -82,5 +82,5 @@ def float32_edit_weights(modules: dict[str, nn.Module], enabled: bool = True) ->
                 error = (module.weight.float() - exact).norm()
                 report.relative_error[name] = float(error / update) if float(update) > 0 else 0.0
         if report.relative_error:
-            logger.info("edited weights rounded back to %s once; relative rounding error of the update: %s",
+            logger.debug("edited weights rounded back to %s once; relative rounding error of the update: %s",
                         next(iter(saved.values()))[0], {k: round(v, 4) for k, v in report.relative_error.items()})

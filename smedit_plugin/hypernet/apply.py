@@ -7,6 +7,7 @@ singleton that could outlive the model (contract §1.3, §7.4).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import weakref
 from typing import Any, Optional, Sequence
@@ -19,6 +20,8 @@ from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from .archive import ArchiveError, load_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
+
+logger = logging.getLogger(__name__)
 
 _EDITORS: "weakref.WeakKeyDictionary[nn.Module, _CachedEditor]" = weakref.WeakKeyDictionary()
 
@@ -91,6 +94,9 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
+    if rounding.relative_error:
+        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
+                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
     return rounding
 
 
