@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..devices import model_input_device
-from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit, weights_copy_wanted
 from ..precision import float32_edit_weights, wants_float32
 from ..edit_modules import refuse_offloaded, weight_shape_in_out
 from .compute_ks import compute_keys_and_cur
@@ -145,6 +145,7 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     layers = [getattr(m, HOOK_ATTR) for m in mods.rewrite]
     hooks = hp.hooks_enabled
     report: dict[str, Any] = {"residual_norms": []}
+    new_keys: list[torch.Tensor] = []  # K_l per layer, added into C_accu_l once the step has succeeded
     tick = time.perf_counter()
     rewrite = dict(zip(mods.names, mods.rewrite))
     in_float32 = not hooks and wants_float32(rewrite, hp.fp32_edit_weights)
@@ -164,7 +165,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                 if mods.post_norms[i] is not None:
                     residuals = _through_post_norm(module, mods.post_norms[i], keys, residuals)
                 c_accu = layer.c_accu
-                delta = consecutive_update(residuals.to(c_accu.device), keys.to(c_accu.device), c_accu)
+                keys = keys.to(c_accu.device)
+                delta = consecutive_update(residuals.to(c_accu.device), keys, c_accu)
                 with torch.no_grad():
                     if hooks:
                         layer.delta_w.add_(delta.to(layer.delta_w.dtype))
@@ -172,13 +174,16 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                     else:
                         weight = weight_out_in(module)
                         weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
-                    accumulate_keys(c_accu, keys.to(c_accu.device))
+                new_keys.append(keys)
                 report["residual_norms"].append(float(residuals.norm(dim=0).mean()))
             if hooks:
                 report["alpha_candidates"] = calibrate_alpha(model, view, requests, layers, mods.z_block, device,
                                                              hp.calibrate_with_validated_hooks)
                 report["alpha"] = [float(layer.alpha) for layer in layers]
             with torch.no_grad():
+                # last, in place: nothing after this can fail, so C_accu needs no snapshot to be rolled back
+                for layer, keys in zip(layers, new_keys):
+                    accumulate_keys(layer.c_accu, keys)
                 controller.steps.add_(1)
     finally:
         if hooks:
@@ -220,7 +225,9 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
         controller = _create_state(model, tok, hparams, mods, model_input_device(model))
     else:
         _adopt_scope_options(model, controller, hparams)
-    tracked = list(state_parameters(model))
+    # C_accu changes only at the very end of a step (edit_step), so it is copied only for EasyEdit's weights_copy
+    keep_c_accu = weights_copy_wanted(return_orig_weights=return_orig_weights, keep_original_weight=keep_original_weight)
+    tracked = [name for name in state_parameters(model) if keep_c_accu or not name.endswith(f"{HOOK_ATTR}.c_accu")]
     if not hparams.hooks_enabled:
         tracked += [f"{name}.weight" for name in mods.names]
     try:

@@ -89,7 +89,7 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
             for w in weights:
                 w.requires_grad_(True)
             for s in range(editor.hparams.bp_steps):
-                editor.bp_step(model, mbs, s, update_normaliser=False)
+                editor.bp_step(model, mbs, s, update_normaliser=False, for_meta_backward=False)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):

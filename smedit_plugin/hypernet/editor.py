@@ -92,8 +92,12 @@ class HypernetEditor(nn.Module):
                 for i in range(0, len(prompts), size)]
 
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
-                update_normaliser: bool) -> StepRecord:
-        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it."""
+                update_normaliser: bool, for_meta_backward: bool = True) -> StepRecord:
+        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
+
+        ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
+        its shift is applied, so one module's worth is held at a time; the record then holds shifts only.
+        """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
         caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device)
         if update_normaliser:
@@ -101,10 +105,14 @@ class HypernetEditor(nn.Module):
                 self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
         shifts, solvers = {}, {}
         for pos, name in enumerate(self.module_names):
-            c = caches[name]
+            c = caches[name] if for_meta_backward else caches.pop(name)
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
                                                    c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
-            shifts[name], solvers[name] = shift, solver
+            del c
+            shifts[name] = shift
+            if for_meta_backward:
+                solvers[name] = solver
+            del solver
             add_param_shift_(self._modules_ref[name], shift)
         return StepRecord(step, caches, shifts, solvers)
 
