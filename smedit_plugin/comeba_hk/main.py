@@ -107,7 +107,8 @@ def _create_state(model: nn.Module, tok: Any, hp: COMEBAHKHyperParams, mods: _Mo
             moments = {name: torch.eye(weight_shape_in_out(m)[0], dtype=dtype, device=m.weight.device)
                        for name, m in zip(mods.names, mods.rewrite)}
         templates = generate_context_templates(model, tok, hp.context_template_length_params, hp.seed, device)
-    c_accus = [initial_c_accu(moments[name], hp.mom2_update_weight, hp.cov_ridge, hp.cov_shrinkage).to(dtype)
+    # popped: each layer's E[kk^T] is freed as soon as its C_accu exists
+    c_accus = [initial_c_accu(moments.pop(name), hp.mom2_update_weight, hp.cov_ridge, hp.cov_shrinkage).to(dtype)
                for name in mods.names]
     info = {"alg_name": hp.alg_name, "layers": list(hp.layers), "rewrite_modules": mods.names,
             "templates": templates, "bos_id": TokenView(tok).bos_id, "fingerprint": fingerprint}

@@ -68,7 +68,7 @@ def initial_c_accu(c0: torch.Tensor, weight: float, ridge: float = 0.0, shrinkag
     if ridge:
         c = c.clone() if c is c0 else c
         c.diagonal().add_(ridge)
-    return weight * c
+    return weight * c if c is c0 else c.mul_(weight)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
