@@ -121,3 +121,30 @@ def test_bf16_memit_c_step_rounds_fp32_weight_plus_delta_once(stats_dir: str, mo
         expected = (before[name].float() + delta.float()).to(torch.bfloat16)
         mismatched += int((weight != expected).sum())
     assert (mismatched == 0) == (option is None)
+
+
+@pytest.mark.parametrize("option,inside", [(None, torch.float32), (False, torch.bfloat16)])
+def test_bf16_training_unit_runs_in_float32_edit_weights_and_restores_the_bf16_weights(zsre_train_path, monkeypatch,
+                                                                                       option, inside) -> None:
+    from smedit_plugin.data import load_records
+    from smedit_plugin.hypernet.trainer import MetaTrainer
+    from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
+
+    model, tok = tiny_model("llama3", n_layers=4)
+    model.to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hp = MALMEN2HyperParams(model_name="tiny-llama", edit_modules=EDIT_MODULES, rank=4, n_blocks=2, lr=1e-3,
+                            meta_lr=1e-3, n_edits=2, micro_batch_size=2, max_steps=1, fp32_edit_weights=option)
+    trainer = MetaTrainer(model, tok, hp)
+    seen: list[torch.dtype] = []
+    real_step = trainer.editor.bp_step
+
+    def recording_step(*args, **kwargs):
+        seen.extend(model.get_submodule(n).weight.dtype for n in EDIT_MODULES)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.editor, "bp_step", recording_step)
+    trainer.train(load_records(zsre_train_path, dataset="zsre", limit=2), progress=False)
+    assert seen and set(seen) == {inside}
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, before[name]), name
