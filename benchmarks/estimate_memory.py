@@ -10,6 +10,7 @@ chunk of facts with every context template. GB = 1e9 bytes.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from smedit_plugin.hparams import load_hparams
@@ -94,6 +95,7 @@ def locate(key: str, hp, via_easyedit: bool) -> dict[str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     rows = []
     for key in CHECKPOINTS:
         for method in HYPERNET:

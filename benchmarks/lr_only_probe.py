@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from smedit_plugin.compare import method_hparams  # noqa: E402
 from smedit_plugin.data import load_records  # noqa: E402
 from smedit_plugin.hypernet.editor import HypernetEditor  # noqa: E402
-from smedit_plugin.hypernet.workflow import edit_and_evaluate  # noqa: E402
+from smedit_plugin.hypernet.runner import edit_and_evaluate  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre"
@@ -36,6 +36,9 @@ def main() -> int:
     p.add_argument("--lrs", nargs="+", type=float, required=True)
     p.add_argument("--n-train", type=int, default=256)
     p.add_argument("--n-edits", type=int, default=64)
+    p.add_argument("--validation", action="store_true",
+                   help="score the n_edits training records after the first n_train (a validation split, for choosing "
+                        "lr) instead of evaluation records")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("lr_only_probe.json"))
     args = p.parse_args()
@@ -43,7 +46,10 @@ def main() -> int:
     hp = method_hparams(args.method, args.model, training=True).replace(n_edits=args.n_edits, num_seq=1)
     model, tok = load_model_and_tokenizer(args.model)
     train = load_records(DATA / "zsre_train.json", "zsre")[: args.n_train]
-    evaluation = load_records(DATA / "zsre_eval.json", "zsre")[: args.n_edits]
+    if args.validation:
+        evaluation = load_records(DATA / "zsre_train.json", "zsre")[args.n_train: args.n_train + args.n_edits]
+    else:
+        evaluation = load_records(DATA / "zsre_eval.json", "zsre")[: args.n_edits]
     torch.manual_seed(hp.seed)
     editor = HypernetEditor(model, hp)
     weights = [editor.edit_module(n).weight for n in editor.module_names]
@@ -65,7 +71,7 @@ def main() -> int:
                 for net in nets.values():
                     net.lr.weight.fill_(lr)
         m = edit_and_evaluate(model, tok, editor, evaluation, n_edits=args.n_edits)
-        rows.append({"method": args.method, "lr": lr, **{k: m[k] for k in ("efficacy", "generalization", "specificity")}})
+        rows.append({"method": args.method, "lr": lr, "scored_on": "validation" if args.validation else "evaluation", **{k: m[k] for k in ("efficacy", "generalization", "specificity")}})
         print(f"{args.method} untrained network, lr {lr:.2e}: ES/GS/LS "
               + "/".join(f"{100 * m[k]:.1f}" for k in ("efficacy", "generalization", "specificity")), flush=True)
         args.out.write_text(json.dumps(rows, indent=1))

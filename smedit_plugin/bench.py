@@ -31,7 +31,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from .compare import method_hparams, peak_rss_mb
     from .data import load_records, sample_path
     from .fileio import write_json_atomic
-    from .hypernet.apply import edit_batch
+    from .hypernet.editor import edit_batch
     from .hypernet.archive import load_archive
     from .hypernet.editor import HypernetEditor
     from .models import load_model_and_tokenizer

@@ -15,7 +15,11 @@ from .methods import COMPARE_DEFAULT, method_names
 def setup_train(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("hparams", help="a TRAINING yaml (hparams/TRAINING/<METHOD>/<model>.yaml) or its shipped name TRAINING/<METHOD>/<model>")
     parser.add_argument("--data", required=True, help="training records (ZsRE or CounterFact JSON)")
-    parser.add_argument("--val-data", default=None, help="validation records (ES/GS/LS every val_interval units)")
+    parser.add_argument("--val-data", default=None,
+                        help="validation records: loss and ES/GS/LS after every epoch, the archive keeps the best")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="override val_fraction: hold out this share of --data as the validation split")
+    parser.add_argument("--n-epochs", type=int, default=None, help="override n_epochs (passes over --data)")
     parser.add_argument("--out", required=True, type=Path, help="archive directory to write (resumed if it exists)")
     parser.add_argument("--max-steps", type=int, default=None, help="override max_steps (training batches or sequences)")
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default=None)
@@ -34,8 +38,12 @@ def run_train(args: argparse.Namespace) -> int:
     hp = load_hparams(args.hparams)
     if not isinstance(hp, HypernetHyperParams):
         raise ValueError(f"{args.hparams}: {hp.alg_name} has no hypernetwork to train")
-    if args.max_steps is not None:
-        hp = hp.replace(max_steps=args.max_steps)
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("val_fraction", args.val_fraction),
+                                   ("n_epochs", args.n_epochs)) if v is not None}
+    if args.val_data and args.val_fraction:
+        raise ValueError("give --val-data or --val-fraction, not both")
+    if overrides:
+        hp = hp.replace(**overrides)
     dataset = args.dataset or detect_dataset(Path(args.data))
     train = load_records(Path(args.data), dataset)
     val = load_records(Path(args.val_data), dataset) if args.val_data else None
@@ -44,9 +52,16 @@ def run_train(args: argparse.Namespace) -> int:
                             resume=not args.no_resume, progress=not args.no_progress)
     print(f"trained {hp.alg_name} on {result.edits_seen} edits in {result.train_seconds:.1f} s "
           f"({result.seconds_per_edit:.3f} s/edit, {result.state.optimizer_steps} optimiser steps); archive: {result.archive}")
-    for entry in result.state.history:
-        if "val" in entry or "final_val" in entry:
-            print(f"  after unit {entry['unit']}: {entry.get('val') or entry.get('final_val')}")
+    rows = [[str(e["unit"]), f"{e['epoch']:.2f}", f"{e['loss']:.4f}", f"{e['val']['loss']:.4f}",
+             *(f"{100 * e['val'][k]:.1f}" for k in ("efficacy", "generalization", "specificity"))]
+            for e in result.state.history if "val" in e]
+    if rows:
+        from .table import format_table
+
+        print(format_table(["unit", "epoch", "train loss", "val loss", "val ES", "val GS", "val LS"], rows))
+        best = result.state
+        print(f"archive holds the networks after unit {best.best_unit} (lowest validation loss {best.best_val_loss:.4f})"
+              + ("; stopped early" if best.stopped_early else ""))
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "smedit_plugin"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "smedit_plugin"
 
 
 def _module_name(path: Path) -> str:
@@ -175,3 +176,12 @@ def test_method_names_live_only_in_the_table_and_their_folders() -> None:
                 if name in value and rel.parts[0] != folders[name]:
                     found.add(f"{rel}:{line}: {value!r}")
     assert not found, "method names outside the table and their folders:\n" + "\n".join(sorted(found))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_imports_and_shows_its_help(script: str) -> None:
+    """A benchmark that imports a moved module fails here, not weeks later in a long measurement."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from smedit_plugin.data import load_records
 from smedit_plugin.hypernet import archive as archive_module
-from smedit_plugin.hypernet.apply import apply_steps
+from smedit_plugin.hypernet.editor import apply_steps
 from smedit_plugin.hypernet.archive import ArchiveError, load_archive, read_meta, save_archive
 from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.hypernet.runner import train_hypernet

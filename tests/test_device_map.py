@@ -12,7 +12,7 @@ from torch import nn
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model
 from smedit_plugin.comeba_hk.modules import select_cache_rows
 from smedit_plugin.general import score_choices
-from smedit_plugin.hypernet.apply import edit_batch
+from smedit_plugin.hypernet.editor import edit_batch
 from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.testing import tiny_model

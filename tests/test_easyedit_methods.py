@@ -16,7 +16,8 @@ import torch
 from smedit_plugin import easyedit
 from smedit_plugin.compare import method_hparams
 from smedit_plugin.data import load_records, to_edit_kwargs
-from smedit_plugin.hypernet.apply import apply_steps, editor_for
+from smedit_plugin.hypernet.apply import editor_for
+from smedit_plugin.hypernet.editor import apply_steps
 from smedit_plugin.hypernet.runner import train_hypernet
 from smedit_plugin.registry import register
 

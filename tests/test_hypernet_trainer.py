@@ -7,6 +7,7 @@ in sequential mode, step-specific networks with rank decay, RLEdit's backtrackin
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -233,13 +234,30 @@ def test_shift_penalty_adds_two_reg_coef_shift_to_weight_grads(tiny4) -> None:
     hp = SMEditHyperParams(**{**SMALL, "reg_coef": 0.25})
     trainer = MetaTrainer(fresh(tiny4), tiny4[1], hp)
     gen = torch.Generator().manual_seed(0)
-    shifts = {"a": torch.randn(3, 2, generator=gen), "b": torch.randn(2, 2, generator=gen)}
-    grads = {"a": torch.randn(3, 2, generator=gen)}
+    a, b = MODULES[0], MODULES[2]
+    shifts = {a: torch.randn(3, 2, generator=gen), b: torch.randn(2, 2, generator=gen)}
+    grads = {a: torch.randn(3, 2, generator=gen)}
     out = trainer._add_shift_penalty(grads, shifts, 0.5)
-    torch.testing.assert_close(out["a"], grads["a"] + 2 * 0.25 * 0.5 * shifts["a"], rtol=0, atol=0)
-    torch.testing.assert_close(out["b"], 2 * 0.25 * 0.5 * shifts["b"], rtol=0, atol=0)  # no CE gradient there
+    torch.testing.assert_close(out[a], grads[a] + 2 * 0.25 * 0.5 * shifts[a], rtol=0, atol=0)
+    torch.testing.assert_close(out[b], 2 * 0.25 * 0.5 * shifts[b], rtol=0, atol=0)  # no CE gradient there
     malmen = MetaTrainer(fresh(tiny4), tiny4[1], MALMEN2HyperParams(**SMALL))
     assert malmen._add_shift_penalty(grads, shifts, 1.0) is grads  # MALMEN has no l2 term
+
+
+def test_relative_shift_penalty_is_the_gradient_of_reg_shift_norm_over_weight_norm(tiny4) -> None:
+    model = fresh(tiny4)
+    trainer = MetaTrainer(model, tiny4[1], SMEditHyperParams(**{**SMALL, "reg_coef": 0.25,
+                                                                "shift_penalty_norm": "relative"}))
+    gen = torch.Generator().manual_seed(1)
+    shifts = {n: torch.randn(model.get_submodule(n).weight.T.shape, generator=gen, requires_grad=True)
+              for n in MODULES}
+    out = trainer._add_shift_penalty({}, {n: s.detach() for n, s in shifts.items()}, 0.5)
+    for name, shift in shifts.items():
+        weight = model.get_submodule(name).weight.detach()
+        penalty = 0.25 * 0.5 * shift.pow(2).sum() / weight.pow(2).sum()
+        torch.testing.assert_close(out[name], torch.autograd.grad(penalty, shift)[0], rtol=1e-6, atol=0)
+    # two modules of different norms get different factors: the form is relative per module
+    assert len({round(v, 12) for v in trainer._penalty_norm.values()}) == len(MODULES)
 
 
 def test_smedit_sequential_trains_step_specific_nets_with_rank_decay(tiny4, records, monkeypatch) -> None:
@@ -287,9 +305,9 @@ def test_rledit2_trajectory_scores_the_backtracking_window(tiny4, records, monke
     calls: list[tuple[list, list[float]]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights):
+    def spy(equiv, unrel, refs, weights, *rest):
         calls.append((equiv, list(weights)))
-        return meta_loss(equiv, unrel, refs, weights)
+        return meta_loss(equiv, unrel, refs, weights, *rest)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trajectory = trainer._batches(records)[0]
@@ -317,9 +335,9 @@ def test_malmen_sequential_keeps_its_kl_term(tiny4, records, monkeypatch) -> Non
     calls: list[tuple[list, list]] = []
     meta_loss = trainer._meta_loss_grads
 
-    def spy(equiv, unrel, refs, weights):
+    def spy(equiv, unrel, refs, weights, *rest):
         calls.append((unrel, refs))
-        return meta_loss(equiv, unrel, refs, weights)
+        return meta_loss(equiv, unrel, refs, weights, *rest)
 
     monkeypatch.setattr(trainer, "_meta_loss_grads", spy)
     trainer.train(records, progress=False)
@@ -366,3 +384,116 @@ def test_reference_adam_duplicates_equals_adam_with_the_shared_network_listed_pe
     for name, value in reference.items():
         torch.testing.assert_close(emulated[name], value, rtol=1e-6, atol=1e-9, msg=name)
     assert any(not torch.allclose(plain[n], reference[n]) for n in reference)  # the switch changes training
+
+
+# -- training budget: per-epoch validation, best networks kept, early stopping ----------------------------------
+
+def _budget_trainer(tiny4, **extra) -> MetaTrainer:
+    hp = SMEditHyperParams(**{**SMALL, "max_steps": -1, "n_epochs": 4, **extra})
+    torch.manual_seed(0)
+    return MetaTrainer(fresh(tiny4), tiny4[1], hp)
+
+
+def test_validation_after_every_epoch_keeps_the_best_networks(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4)
+    val_losses = iter([3.0, 1.0, 2.0, 1.5])  # the best is after epoch 2
+    saved: list[tuple[int, dict]] = []
+
+    def checkpoint(t: MetaTrainer) -> None:
+        saved.append((t.state.units_done, copy.deepcopy(t.editor.nets.state_dict())))
+
+    state = trainer.train(records[:4], validate=lambda: {"loss": next(val_losses)}, checkpoint=checkpoint,
+                          progress=False)
+    per_epoch = trainer.units_per_epoch(4)
+    assert per_epoch == 2 and state.units_done == 8
+    assert [e["unit"] for e in state.history if "val" in e] == [2, 4, 6, 8]
+    assert [u for u, _ in saved] == [2, 4]  # the archive is written only when the validation loss improves
+    assert state.best_unit == 4 and state.best_val_loss == 1.0 and not state.stopped_early
+    for name, value in trainer.editor.nets.state_dict().items():  # the editor ends with the best networks
+        assert torch.equal(value, saved[-1][1][name]), name
+    assert not all(torch.equal(v, saved[0][1][k]) for k, v in saved[-1][1].items())
+
+
+def test_early_stopping_after_patience_validations_without_improvement(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, early_stop_patience=2)
+    val_losses = iter([1.0, 1.5, 1.2, 0.5])
+    state = trainer.train(records[:4], validate=lambda: {"loss": next(val_losses)}, progress=False)
+    assert state.stopped_early and state.units_done == 6 and state.best_unit == 2
+    assert state.stale_validations == 2
+
+
+def test_validation_loss_of_networks_that_do_not_edit_is_the_unedited_rephrase_loss(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, n_edits=2)
+    for nets in trainer.editor.nets:
+        for net in nets.values():
+            torch.nn.init.zeros_(net.lr.weight)  # every shift is zero
+    before = params_of(trainer.model)
+    val = records[4:8]
+    with torch.no_grad():
+        expected = sum(float(answer_cross_entropy(trainer.model, mb)) for mb in trainer._equiv_mbs(val)) / 2
+    assert trainer.validation_loss(val) == pytest.approx(expected, rel=1e-6)
+    assert_same_params(trainer.model, before)
+    with pytest.raises(ValueError, match="n_edits"):
+        trainer.validation_loss(val[:1])
+
+
+def test_validation_loss_falls_when_the_networks_edit_towards_the_targets(tiny4, records) -> None:
+    trainer = _budget_trainer(tiny4, n_edits=4, lr=1e-1)
+    val = records[4:8]
+    edited = trainer.validation_loss(val)
+    for nets in trainer.editor.nets:
+        for net in nets.values():
+            torch.nn.init.zeros_(net.lr.weight)
+    assert edited < trainer.validation_loss(val)
+
+
+def test_split_validation_is_seeded_disjoint_and_complete(records) -> None:
+    from smedit_plugin.hypernet.runner import split_validation
+
+    train, val = split_validation(records, 0.25, seed=3)
+    assert len(val) == 3 and len(train) == 9
+    assert {id(r) for r in train}.isdisjoint({id(r) for r in val})
+    assert [r.prompt for r in train] == [r.prompt for r in records if all(r is not v for v in val)]
+    assert split_validation(records, 0.25, seed=3)[1] == val and split_validation(records, 0.25, seed=4)[1] != val
+
+
+def test_trajectory_reuses_locality_logits_of_the_last_meta_loss_pass_as_references(tiny4, records) -> None:
+    """The reference logits of earlier batches come from the previous pass at the same weights: same training."""
+    hp = RLEdit2HyperParams(**{**SMALL, "num_seq": 3, "back_depth": 3, "loc_coef": 0.5, "max_steps": 2})
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        trainer = MetaTrainer(fresh(tiny4), tiny4[1], hp)
+        trainer.reuse_reference_logits = reuse
+        forwards = []
+        original = trainer._reference_logits
+
+        def counted(mbs, prefix, known=None):
+            forwards.append(sum(1 for mb in mbs if not (known and id(mb) in known)))
+            return original(mbs, prefix, known)
+
+        trainer._reference_logits = counted
+        state = trainer.train(records, progress=False)
+        results.append((sum(forwards), [e["loss"] for e in state.history], trainer.editor.state_dict()))
+    (n_reuse, loss_reuse, nets_reuse), (n_plain, loss_plain, nets_plain) = results
+    assert n_plain == 2 * (1 + 2 + 3) and n_reuse == 2 * 3  # one micro-batch per batch; windows of 1, 2, 3 batches
+    assert loss_reuse == pytest.approx(loss_plain, rel=1e-6)
+    for name, value in nets_reuse.items():
+        assert torch.allclose(value, nets_plain[name], rtol=1e-5, atol=1e-8), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_a_half_precision_model_keeps_an_fp32_hypernetwork(tiny4, records, dtype) -> None:
+    """``model_dtype: bfloat16`` as the reference runs it: the LLM in half precision, networks and solve in fp32."""
+    model = fresh(tiny4).to(dtype)
+    before = params_of(model)
+    hp = SMEditHyperParams(**{**SMALL, "model_dtype": "bfloat16" if dtype == torch.bfloat16 else "float16"})
+    torch.manual_seed(0)
+    trainer = MetaTrainer(model, tiny4[1], hp)
+    initial = copy.deepcopy(trainer.editor.state_dict())
+    state = trainer.train(records, progress=False)
+    assert all(p.dtype == torch.float32 for p in trainer.editor.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.editor.parameters())
+    assert math.isfinite(state.history[-1]["loss"]) and state.optimizer_steps == hp.bp_steps
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.editor.state_dict().items())
+    assert_same_params(model, before)

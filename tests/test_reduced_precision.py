@@ -47,7 +47,7 @@ EDIT_MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 def _bf16_edit(monkeypatch, option):
     """A 2-step MALMEN2 edit of a bf16 tiny model; returns (weights before, shifts added, weights after, report)."""
     from smedit_plugin.hypernet import editor as editor_module
-    from smedit_plugin.hypernet.apply import apply_steps
+    from smedit_plugin.hypernet.editor import apply_steps
     from smedit_plugin.hypernet.editor import HypernetEditor
     from smedit_plugin.hypernet.shifts import add_param_shift_, from_in_out
     from smedit_plugin.malmen2.hparams import MALMEN2HyperParams

@@ -7,7 +7,6 @@ singleton that could outlive the model (contract §1.3, §7.4).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import weakref
 from typing import Any, Optional, Sequence
@@ -15,13 +14,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..editing import WeightsSnapshot, edit_transaction, maybe_copy_model, weights_copy_for_easyedit
-from ..precision import RoundingReport, float32_edit_weights, wants_float32
+from ..editing import maybe_copy_model, weights_copy_for_easyedit
 from .archive import ArchiveError, load_archive
-from .editor import HypernetEditor, hypernet_device
+from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
-
-logger = logging.getLogger(__name__)
 
 _EDITORS: "weakref.WeakKeyDictionary[nn.Module, _CachedEditor]" = weakref.WeakKeyDictionary()
 
@@ -70,49 +66,6 @@ def editor_for(model: nn.Module, hparams: HypernetHyperParams) -> HypernetEditor
         _EDITORS[model] = cached
     cached.editor.bind(model)
     return cached.editor
-
-
-def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str],
-                targets: Sequence[str]) -> RoundingReport:
-    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
-
-    With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
-    that are rounded once at the end; the report holds that rounding error (0 in float32).
-    """
-    mbs = editor.edit_micro_batches(tok, prompts, targets)
-    modules = {n: editor.edit_module(n) for n in editor.module_names}
-    weights = [m.weight for m in modules.values()]
-    flags = [w.requires_grad for w in weights]
-    editor.set_normaliser_frozen(True)
-    try:
-        with float32_edit_weights(modules, wants_float32(modules, editor.hparams.fp32_edit_weights)) as rounding:
-            for w in weights:
-                w.requires_grad_(True)
-            for s in range(editor.hparams.bp_steps):
-                editor.bp_step(model, mbs, s, update_normaliser=False, for_meta_backward=False)
-    finally:
-        editor.set_normaliser_frozen(False)
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-    if rounding.relative_error:
-        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
-                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
-    return rounding
-
-
-def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],
-               snapshot: Optional[WeightsSnapshot] = None) -> WeightsSnapshot:
-    """The one road from (prompt, target) pairs to a hypernetwork weight update, used by every caller.
-
-    Runs :func:`apply_steps` inside an :func:`edit_transaction` and returns the snapshot of the
-    edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
-    back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
-    """
-    with edit_transaction(model, snapshot) as snapshot:
-        for name in editor.module_names:
-            snapshot.capture_module(name)
-        apply_steps(model, tok, editor, prompts, targets)
-    return snapshot
 
 
 def apply_hypernet_to_model(model: nn.Module, tok, requests: Sequence[dict[str, Any]], hparams: HypernetHyperParams,

@@ -7,19 +7,25 @@ cache keys and value gradients of the edit tuples at the current weights, predic
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..devices import resolve_device
+from ..editing import WeightsSnapshot, edit_transaction
 from ..edit_modules import resolve_edit_modules
+from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
+from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
+
+logger = logging.getLogger(__name__)
 
 
 def hypernet_device(hparams: HypernetHyperParams) -> Optional[torch.device]:
@@ -92,14 +98,17 @@ class HypernetEditor(nn.Module):
                 for i in range(0, len(prompts), size)]
 
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
-                update_normaliser: bool, for_meta_backward: bool = True) -> StepRecord:
+                update_normaliser: bool, prefix: Optional[FrozenPrefix] = None,
+                for_meta_backward: bool = True) -> StepRecord:
         """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
 
+        ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
         ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
         its shift is applied, so one module's worth is held at a time; the record then holds shifts only.
         """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
-        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device)
+        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device,
+                                            prefix=prefix)
         if update_normaliser:
             for pos, name in enumerate(self.module_names):
                 self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
@@ -115,6 +124,10 @@ class HypernetEditor(nn.Module):
             del solver
             add_param_shift_(self._modules_ref[name], shift)
         return StepRecord(step, caches, shifts, solvers)
+
+    def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
+        """A :class:`FrozenPrefix` for this editor's modules, or None when ``reuse_frozen_prefix`` is off."""
+        return FrozenPrefix(model, self.module_names) if self.hparams.reuse_frozen_prefix else None
 
     def meta_backward(self, record: StepRecord, weight_grads: dict[str, torch.Tensor]) -> None:
         """Accumulate the hypernetwork gradient of a loss whose weight gradients are ``weight_grads``."""
@@ -135,3 +148,47 @@ class HypernetEditor(nn.Module):
         for nets in self.nets:
             for net in nets.values():
                 net.normaliser.frozen = frozen
+
+
+def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str],
+                targets: Sequence[str]) -> RoundingReport:
+    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
+
+    With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
+    that are rounded once at the end; the report holds that rounding error (empty in float32).
+    """
+    mbs = editor.edit_micro_batches(tok, prompts, targets)
+    modules = {n: editor.edit_module(n) for n in editor.module_names}
+    weights = [m.weight for m in modules.values()]
+    flags = [w.requires_grad for w in weights]
+    editor.set_normaliser_frozen(True)
+    try:
+        with float32_edit_weights(modules, wants_float32(modules, editor.hparams.fp32_edit_weights)) as rounding:
+            for w in weights:
+                w.requires_grad_(True)
+            prefix = editor.frozen_prefix(model)
+            for s in range(editor.hparams.bp_steps):
+                editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix, for_meta_backward=False)
+    finally:
+        editor.set_normaliser_frozen(False)
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    if rounding.relative_error:
+        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
+                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
+    return rounding
+
+
+def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],
+               snapshot: Optional[WeightsSnapshot] = None) -> WeightsSnapshot:
+    """The one road from (prompt, target) pairs to a hypernetwork weight update, used by every caller.
+
+    Runs :func:`apply_steps` inside an :func:`edit_transaction` and returns the snapshot of the
+    edited weights: the caller keeps the edit, hands it to EasyEdit as ``weights_copy``, or rolls
+    back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
+    """
+    with edit_transaction(model, snapshot) as snapshot:
+        for name in editor.module_names:
+            snapshot.capture_module(name)
+        apply_steps(model, tok, editor, prompts, targets)
+    return snapshot

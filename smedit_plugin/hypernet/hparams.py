@@ -59,6 +59,8 @@ class HypernetHyperParams(MethodHyperParams):
     micro_batch_size: int = F(default=4, metadata={"range": (1, None), "help": "examples per LLM forward; losses are summed over micro-batches"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
     fp32_edit_weights: Optional[bool] = F(default=None, metadata={"help": "hold the edit modules in float32 during an edit and round once at the end (costs one float32 copy of each edited weight); null = on for bf16/fp16 models"})
+    shift_penalty_norm: str = F(default="absolute", metadata={"choices": ("absolute", "relative"), "help": "form of the l2 penalty on each shift (methods with reg_coef): absolute = reg_coef * ||shift||^2 as in the papers; relative = reg_coef * ||shift||^2 / ||W||^2 per module, which does not depend on the model's width"})
+    reuse_frozen_prefix: bool = F(default=True, metadata={"help": "compute the layers below the lowest edit module once per micro-batch and reuse them across BP steps and loss passes (same results; false = recompute, for checking)"})
     hypernet_device: Optional[Union[int, str]] = F(default=None, metadata={"help": "device of the hypernetwork; null = the model's device"})
     # meta-training
     n_edits: int = F(default=64, metadata={"range": (1, None), "help": "facts per training edit batch"})
@@ -67,8 +69,10 @@ class HypernetHyperParams(MethodHyperParams):
     max_steps: int = F(default=-1, metadata={"range": (-1, None), "help": "training batches (batch mode) or sequences; -1 = one full pass"})
     cumulative_steps: bool = F(default=True, metadata={"help": "BP steps stack during training as at edit time (paper); false = reference code"})
     reference_adam_duplicates: bool = F(default=False, metadata={"help": "with one network shared by the BP steps, apply each Adam update bp_steps times, as the reference code does by listing the network once per step (spec §1.6, §7 item 11); false = once"})
-    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "validate (and checkpoint) every N training units: batches, or trajectories when num_seq > 1 (0 = only at the end)"})
-    val_n_edits: int = F(default=64, metadata={"range": (1, None)})
+    val_interval: int = F(default=0, metadata={"range": (0, None), "help": "also validate (without validation records: checkpoint) every N training units: batches, or trajectories when num_seq > 1; with validation records every epoch end is validated anyway"})
+    val_n_edits: int = F(default=64, metadata={"range": (1, None), "help": "facts per edit batch of the ES/GS/LS check on the validation records"})
+    val_fraction: float = F(default=0.0, metadata={"range": (0.0, 0.5), "help": "share of the training records held out (seeded) as the validation split when no validation file is given; 0 = none"})
+    early_stop_patience: int = F(default=0, metadata={"range": (0, None), "help": "stop after this many validations without a lower validation loss (0 = run every epoch); the archive keeps the best networks either way"})
     seed: int = 0
 
     _checks: ClassVar[tuple] = (_modules_present, _strip_weight_suffix, _fill_bp_steps, _rank_fits)

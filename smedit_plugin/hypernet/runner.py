@@ -1,7 +1,7 @@
 """The hypernetwork family's runner: train or reuse an archive (one cache key), edit batches, roll back or keep.
 
 ``smedit train``/``compare``/``demo``, the examples and the benchmarks come through here; the
-weight update itself is always :func:`~smedit_plugin.hypernet.apply.edit_batch`, the same call
+weight update itself is always :func:`~smedit_plugin.hypernet.editor.edit_batch`, the same call
 EasyEdit's apply function makes.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -20,7 +21,7 @@ from torch import nn
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
 from ..fileio import write_json_atomic
-from .apply import edit_batch
+from .editor import edit_batch
 from .archive import load_archive, read_meta, save_archive
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -80,12 +81,26 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
     return metrics
 
 
+def split_validation(records: Sequence[EditRecord], fraction: float, seed: int) -> tuple[list[EditRecord], list[EditRecord]]:
+    """``(train, validation)``: a seeded random ``fraction`` of ``records`` held out, the rest kept in order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction}")
+    held = set(random.Random(seed).sample(range(len(records)), max(1, round(fraction * len(records)))))
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
 def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_records: Sequence[EditRecord],
                    out_dir: Union[str, os.PathLike], *, val_records: Optional[Sequence[EditRecord]] = None,
                    model_name: Optional[str] = None, resume: bool = True, progress: bool = True,
                    dataset: str = "zsre") -> TrainResult:
-    """Train (or resume training of) the method's hypernetworks and write the archive to ``out_dir``."""
+    """Train (or resume training of) the method's hypernetworks and write the archive to ``out_dir``.
+
+    Validation records (``val_records``, else a ``val_fraction`` of ``train_records``) are scored after
+    every epoch; the archive then holds the networks with the lowest validation loss.
+    """
     out = Path(out_dir)
+    if val_records is None and hparams.val_fraction > 0:
+        train_records, val_records = split_validation(train_records, hparams.val_fraction, hparams.seed)
     name = model_name or (hparams.model_name if isinstance(hparams.model_name, str) else "in-memory-model")
     if resume and (out / "meta.json").is_file() and read_meta(out).get("train_state"):
         editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True, device=hypernet_device(hparams))
@@ -95,11 +110,10 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
         trainer = MetaTrainer(model, tok, hparams)
 
     def validate() -> dict[str, Any]:
-        recs = list(val_records or [])[: hparams.val_n_edits * hparams.num_seq]
-        if not recs:
-            return {}
-        m = edit_and_evaluate(model, tok, trainer.editor, recs, n_edits=hparams.val_n_edits, dataset=dataset)
-        return {k: m[k] for k in ("efficacy", "generalization", "specificity")}
+        recs = list(val_records or [])
+        scored = recs[: hparams.val_n_edits * hparams.num_seq]
+        m = edit_and_evaluate(model, tok, trainer.editor, scored, n_edits=hparams.val_n_edits, dataset=dataset)
+        return {"loss": trainer.validation_loss(recs), **{k: m[k] for k in ("efficacy", "generalization", "specificity")}}
 
     def checkpoint(t: MetaTrainer) -> None:
         save_archive(out, t.editor, model_name=name, optimizer=t.opt, state=t.state)
@@ -108,8 +122,6 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
     edits_before = trainer.state.edits_seen
     state = trainer.train(train_records, validate=validate if val_records else None, checkpoint=checkpoint,
                           progress=progress)
-    if val_records:
-        state.history.append({"unit": state.units_done, "final_val": validate()})
     save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state)
     result = TrainResult(out, state, state.seconds - seconds_before, state.edits_seen - edits_before)
     meta = json.loads((out / "meta.json").read_text())

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from .distributed import SINGLE, RowReduce
 from .network import HyperNet
 from .solve import Form, RidgeSolve
 
@@ -90,29 +91,33 @@ def _value_diffs(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tens
 
 
 def predict_param_shift(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tensor, *, chunk_size: int,
-                        solve_dtype: Optional[torch.dtype] = None,
-                        form: Form = "auto") -> tuple[Tensor, RidgeSolve, Tensor]:
+                        solve_dtype: Optional[torch.dtype] = None, form: Form = "auto",
+                        reduce: RowReduce = SINGLE) -> tuple[Tensor, RidgeSolve, Tensor]:
     """MALMEN predict for one module: ``(param_shift [d_in, d_out], solver, value_diffs [N, d_out])``.
 
     Outputs are in the network's dtype (fp32 unless the network was cast); the solve runs in
     ``solve_dtype`` (default: the network's dtype). No graph is built; the returned solver holds the
-    factored ridge matrix so the meta-gradient reuses it.
+    factored ridge matrix so the meta-gradient reuses it. With ``reduce``, ``keys`` are this rank's rows and
+    the shift is that of the rows of all ranks.
     """
     _check_rows(net, keys, value_grads)
     with torch.no_grad():
         value_diffs = torch.cat([_value_diffs(net, module_idx, keys[rows], value_grads[rows])
                                  for rows in _row_chunks(keys.shape[0], chunk_size)])
-        solver = RidgeSolve(keys.to(net.device), net.lam(module_idx), dtype=solve_dtype or net.dtype, form=form)
+        solver = RidgeSolve(keys.to(net.device), net.lam(module_idx), dtype=solve_dtype or net.dtype, form=form,
+                            reduce=reduce)
         param_shift = solver.solve(value_diffs)
     return param_shift, solver, value_diffs
 
 
 def accumulate_meta_grad(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tensor, solver: RidgeSolve,
-                         param_shift: Tensor, weight_grad: Tensor, *, chunk_size: int) -> None:
+                         param_shift: Tensor, weight_grad: Tensor, *, chunk_size: int, reduce: RowReduce = SINGLE) -> None:
     """Add ``∂L/∂θ`` of every hyper-network parameter into ``.grad`` given ``weight_grad = ∂L/∂W``.
 
     The LLM and the network never share a graph: the solve's vector-Jacobian product gives ``∂L/∂D``
-    and ``∂L/∂λ``, then each chunk of rows is re-run with grad and back-propagated on its own.
+    and ``∂L/∂λ``, then each chunk of rows is re-run with grad and back-propagated on its own. With
+    ``reduce`` each rank adds the part of its own rows (``weight_grad`` is the all-ranks one) and the
+    batch-global ``λ`` term is added by the first rank only, so summing the ranks' gradients gives the total.
     """
     _check_rows(net, keys, value_grads)
     if solver.n_rows != keys.shape[0]:
@@ -122,7 +127,8 @@ def accumulate_meta_grad(net: HyperNet, module_idx: int, keys: Tensor, value_gra
     value_diffs_grad = value_diffs_grad.to(net.device, net.dtype)
     lamda = net.lamda.weight[module_idx, 0]
     lamda_grad_const = (lam_grad * solver.lam).to(net.device, net.dtype)
-    (lamda_grad_const * lamda).backward()
+    if reduce.is_first:
+        (lamda_grad_const * lamda).backward()
     for rows in _row_chunks(keys.shape[0], chunk_size):
         value_diffs = _value_diffs(net, module_idx, keys[rows], value_grads[rows])
         (value_diffs_grad[rows] * value_diffs).sum().backward()

@@ -4,6 +4,8 @@
 (module, step) and reused by the predict solve and the meta-gradient solve, which the references redo
 from scratch with LU. When there are fewer cached rows than key features the dual (kernel) form
 ``Δ = Kᵀ (KKᵀ + λI)^-1 D`` is used: an N×N instead of a d_in×d_in system (push-through identity).
+With rows sharded over data-parallel ranks (``reduce``), ``KᵀK`` and ``KᵀD`` are summed over ranks and
+the primal form is used, so every rank solves the same system.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
+
+from .distributed import SINGLE, RowReduce
 
 Form = Literal["auto", "primal", "dual"]
 
@@ -28,21 +32,28 @@ class RidgeSolve:
     """A factored ridge system for one module's keys, reusable for the shift and its backward."""
 
     def __init__(self, keys: Tensor, lam: Union[float, Tensor], *, dtype: torch.dtype = torch.float32,
-                 form: Form = "auto") -> None:
+                 form: Form = "auto", reduce: RowReduce = SINGLE) -> None:
         if keys.dim() != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
             raise ValueError(f"keys must be a non-empty [N, d_in] matrix, got shape {tuple(keys.shape)}")
         if form not in ("auto", "primal", "dual"):
             raise ValueError(f"form must be 'auto', 'primal' or 'dual', got {form!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype (float32 or float64), got {dtype}")
+        if reduce.active and form == "dual":
+            raise ValueError("the dual form needs every row in one process; use form='primal' (or 'auto') when the "
+                             "rows are sharded over ranks")
+        self.reduce = reduce
         self.lam = _as_positive_float(lam)
         self.dtype = dtype
         self.keys = keys.detach().to(dtype)
         if not torch.isfinite(self.keys).all():
             raise ValueError("keys contain NaN or inf; the cached activations are corrupt (check the model dtype)")
         n_rows, d_in = self.keys.shape
-        self.form: Literal["primal", "dual"] = ("primal" if d_in <= n_rows else "dual") if form == "auto" else form
-        gram = self.keys.T @ self.keys if self.form == "primal" else self.keys @ self.keys.T
+        if reduce.active:
+            self.form: Literal["primal", "dual"] = "primal"
+        else:
+            self.form = ("primal" if d_in <= n_rows else "dual") if form == "auto" else form
+        gram = reduce.sum(self.keys.T @ self.keys) if self.form == "primal" else self.keys @ self.keys.T
         gram.diagonal().add_(self.lam)
         factor, info = torch.linalg.cholesky_ex(gram)
         self._factor: Tensor = factor
@@ -80,7 +91,7 @@ class RidgeSolve:
         self._check("value_diffs", value_diffs, self.n_rows, "N")
         rhs = value_diffs.detach().to(device=self.keys.device, dtype=self.dtype)
         if self.form == "primal":
-            param_shift = self._solve_gram(self.keys.T @ rhs).to(value_diffs.dtype)
+            param_shift = self._solve_gram(self.reduce.sum(self.keys.T @ rhs)).to(value_diffs.dtype)
         else:
             coef = self._solve_gram(rhs)
             param_shift = (self.keys.T @ coef).to(value_diffs.dtype)

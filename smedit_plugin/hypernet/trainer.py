@@ -11,6 +11,7 @@ weight gradients ``G``, which :meth:`HypernetEditor.meta_backward` pushes throug
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -28,6 +29,7 @@ from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 from .losses import answer_cross_entropy, answer_logits, kl_locality
+from .prefix import FrozenPrefix, forward_context
 from .shifts import to_in_out
 
 
@@ -40,6 +42,10 @@ class TrainState:
     seconds: float = 0.0
     edits_seen: int = 0
     history: list = dataclasses.field(default_factory=list)
+    best_val_loss: Optional[float] = None  # lowest validation loss so far (the archive on disk holds those networks)
+    best_unit: int = 0
+    stale_validations: int = 0  # validations since the best one (early stopping counts these)
+    stopped_early: bool = False
 
 
 class MetaTrainer:
@@ -55,8 +61,17 @@ class MetaTrainer:
         self.opt = optimizer if optimizer is not None else torch.optim.Adam(self.editor.unique_parameters(), lr=hparams.meta_lr)
         self.state = state if state is not None else TrainState()
         self.weights = {n: self.editor.edit_module(n).weight for n in self.editor.module_names}
+        #: reuse locality logits across the batches of a trajectory (exact; tests compare against False)
+        self.reuse_reference_logits = True
+        # 1 / ||W||^2 of each edited weight (training units always start from these weights)
+        self._penalty_norm = {n: (1.0 / float(w.detach().float().pow(2).sum()) if hparams.shift_penalty_norm == "relative"
+                                  else 1.0) for n, w in self.weights.items()}
 
     # -- data ------------------------------------------------------------------------------
+    def units_per_epoch(self, n_records: int) -> int:
+        """Training units in one pass over ``n_records`` records (a remainder smaller than a unit is left out)."""
+        return n_records // (self.hp.n_edits * self.hp.num_seq)
+
     def _batches(self, records: Sequence[EditRecord]) -> list[list[EditRecord]]:
         """Shuffled (seeded) units: batches of ``n_edits`` or trajectories of ``num_seq`` such batches."""
         per_unit = self.hp.n_edits * self.hp.num_seq
@@ -98,34 +113,52 @@ class MetaTrainer:
                 grads[name] = grads[name] + g if name in grads else g
 
     @torch.no_grad()
-    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [answer_logits(self.model, mb).float() for mb in mbs]
+    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix],
+                          known: Optional[dict[int, torch.Tensor]] = None) -> list[torch.Tensor]:
+        """Logits of ``mbs`` at the current weights; ``known`` holds some already (by micro-batch identity)."""
+        refs = []
+        for mb in mbs:
+            if known is not None and id(mb) in known:
+                refs.append(known[id(mb)])
+                continue
+            with forward_context(prefix, mb):
+                refs.append(answer_logits(self.model, mb).float())
+        return refs
 
     def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[torch.Tensor]],
-                         weights: list[float]) -> tuple[dict[str, torch.Tensor], float]:
-        """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time."""
+                         weights: list[float], prefix: Optional[FrozenPrefix],
+                         seen: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
+        """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time.
+
+        ``seen`` receives the (detached) logits of every locality micro-batch, keyed by its identity.
+        """
         grads: dict[str, torch.Tensor] = {}
         total = 0.0
         loc_coef = self.hp.locality_coef()
         for w, eq_mbs, un_mbs, ref in zip(weights, equiv, unrel, refs):
             for mb in eq_mbs:
-                loss = w * answer_cross_entropy(self.model, mb)
+                with forward_context(prefix, mb):
+                    loss = w * answer_cross_entropy(self.model, mb)
                 total += float(loss.detach())
                 self._grad_of(loss, grads)
             if loc_coef > 0:
                 for mb, ref_logits in zip(un_mbs, ref):
-                    loss = w * loc_coef * kl_locality(ref_logits, answer_logits(self.model, mb))
+                    with forward_context(prefix, mb):
+                        logits = answer_logits(self.model, mb)
+                    if seen is not None:
+                        seen[id(mb)] = logits.detach().float()
+                    loss = w * loc_coef * kl_locality(ref_logits, logits)
                     total += float(loss.detach())
                     self._grad_of(loss, grads)
         return grads, total
 
     def _add_shift_penalty(self, grads: dict[str, torch.Tensor], shifts: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-        """Gradient of ``reg_coef * ||param_shift||^2`` w.r.t. the shift (Eq. 7), added to ``G``."""
+        """Gradient of ``reg_coef * ||param_shift||^2`` (Eq. 7; over ``||W||^2`` when relative) w.r.t. the shift, added to ``G``."""
         reg = self.hp.shift_penalty_coef()
         if reg == 0:
             return grads
-        return {n: grads.get(n, torch.zeros_like(shifts[n])).to(shifts[n].device) + 2.0 * reg * scale * shifts[n]
-                for n in shifts}
+        return {n: grads.get(n, torch.zeros_like(shifts[n])).to(shifts[n].device)
+                + 2.0 * reg * scale * self._penalty_norm[n] * shifts[n] for n in shifts}
 
     # -- one unit --------------------------------------------------------------------------
     def _snapshot(self) -> WeightsSnapshot:
@@ -166,13 +199,14 @@ class MetaTrainer:
     def _train_batch(self, batch: list[EditRecord]) -> float:
         """Batch mode: ``bp_steps`` stacked steps, an Adam step after each (step-wise updating)."""
         snap = self._snapshot()
+        prefix = self.editor.frozen_prefix(self.model)
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
-        refs = self._reference_logits(unrel) if self.hp.locality_coef() > 0 else []
+        refs = self._reference_logits(unrel, prefix) if self.hp.locality_coef() > 0 else []
         loss = 0.0
         with self._float32_edit_weights(), self._restoring(snap):
             for s in range(self.hp.bp_steps):
-                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True)
-                grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0])
+                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
+                grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0], prefix)
                 grads = self._add_shift_penalty(grads, rec.shifts, 1.0)
                 self.opt.zero_grad(set_to_none=True)
                 self.editor.meta_backward(rec, grads)
@@ -184,9 +218,13 @@ class MetaTrainer:
     def _train_trajectory(self, records: list[EditRecord]) -> float:
         """Sequential mode: ``num_seq`` batches whose edits accumulate; one Adam step at the end."""
         snap = self._snapshot()
+        prefix = self.editor.frozen_prefix(self.model)
         n = self.hp.n_edits
         batches = [records[i:i + n] for i in range(0, len(records), n)]
         history: list[tuple[list, list]] = []
+        # Locality logits the last meta-loss pass computed; its weights are the next batch's pre-edit weights,
+        # so they are that batch's reference logits for the earlier batches of its window (no second forward).
+        at_current: dict[int, torch.Tensor] = {}
         total = 0.0
         self.opt.zero_grad(set_to_none=True)
         with self._float32_edit_weights(), self._restoring(snap):
@@ -195,10 +233,13 @@ class MetaTrainer:
                 weights = self.hp.trajectory_weights(i)
                 window = history[::-1][:len(weights)]  # j = 0 is the current batch
                 with_kl = self.hp.locality_coef() > 0
-                refs = [self._reference_logits(un) if with_kl else [] for _, un in window]
+                refs = [self._reference_logits(un, prefix, at_current) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
-                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True) for s in range(self.hp.bp_steps)]
-                grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights)
+                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
+                        for s in range(self.hp.bp_steps)]
+                at_current = {}
+                grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
+                                                    prefix, at_current if self.reuse_reference_logits else None)
                 total += loss
                 scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
@@ -206,12 +247,70 @@ class MetaTrainer:
             self._optimizer_step()
         return total
 
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, records: Sequence[EditRecord]) -> float:
+        """The meta-loss of edits the current networks make on held-out ``records``, without the shift penalty.
+
+        Records are cut (in order) into units as in training: a batch of ``n_edits``, or ``num_seq`` such
+        batches whose edits accumulate. Each unit is edited through the edit-time road (normaliser frozen),
+        scored by the rephrase cross-entropy of all its facts (plus ``locality_coef`` x KL to the unedited
+        model on their locality prompts), and rolled back. Returns the mean over units.
+        """
+        from .editor import edit_batch
+
+        per_unit = self.hp.n_edits * self.hp.num_seq
+        units = [records[i:i + per_unit] for i in range(0, len(records) - per_unit + 1, per_unit)]
+        if not units:
+            raise ValueError(f"validation needs at least n_edits * num_seq = {per_unit} records, got {len(records)}")
+        loc_coef = self.hp.locality_coef()
+        losses = []
+        for unit in units:
+            equiv, unrel = self._equiv_mbs(unit), self._unrel_mbs(unit)
+            refs = self._reference_logits(unrel, None) if loc_coef > 0 else []
+            snapshot = None
+            try:
+                for i in range(0, len(unit), self.hp.n_edits):
+                    batch = unit[i:i + self.hp.n_edits]
+                    snapshot = edit_batch(self.model, self.tok, self.editor, [r.prompt for r in batch],
+                                          [r.target_new for r in batch], snapshot)
+                loss = sum(float(answer_cross_entropy(self.model, mb)) for mb in equiv) / len(equiv)
+                if loc_coef > 0 and unrel:
+                    kl = sum(float(kl_locality(ref, answer_logits(self.model, mb))) for mb, ref in zip(unrel, refs))
+                    loss += loc_coef * kl / len(unrel)
+            finally:
+                if snapshot is not None:
+                    snapshot.restore()
+            losses.append(loss)
+        return sum(losses) / len(losses)
+
+    def _record_validation(self, val: dict) -> bool:
+        """Update the best/early-stopping state from a validation result; True when it is the best so far."""
+        loss = val.get("loss")
+        if loss is None or not math.isfinite(loss):
+            return False
+        if self.state.best_val_loss is None or loss < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_unit, self.state.stale_validations = loss, self.state.units_done, 0
+            return True
+        self.state.stale_validations += 1
+        return False
+
     # -- the loop --------------------------------------------------------------------------
     def train(self, records: Sequence[EditRecord], *, validate: Optional[Callable[[], dict]] = None,
               checkpoint: Optional[Callable[["MetaTrainer"], None]] = None, progress: bool = True) -> TrainState:
-        """Run the remaining units (a resumed trainer skips the ones already done)."""
+        """Run the remaining units (a resumed trainer skips the ones already done).
+
+        With ``validate`` (returning a dict with ``loss``), validation runs after every epoch (and every
+        ``val_interval`` units); ``checkpoint`` is called only when the validation loss improves, so the
+        archive on disk always holds the best networks so far, and training stops early after
+        ``early_stop_patience`` validations without improvement. On return the editor holds the best
+        networks. Without ``validate``, ``checkpoint`` runs every ``val_interval`` units and the editor
+        keeps the last networks.
+        """
         units = self._batches(records)
+        per_epoch = self.units_per_epoch(len(records))
         todo = units[self.state.units_done:]
+        best_nets = copy.deepcopy(self.editor.nets.state_dict()) if validate is not None else None
         flags = {n: w.requires_grad for n, w in self.weights.items()}
         frozen = [p for p in self.model.parameters() if p.requires_grad and all(p is not w for w in self.weights.values())]
         for p in frozen:
@@ -227,18 +326,35 @@ class MetaTrainer:
                 self.state.units_done += 1
                 self.state.edits_seen += len(unit)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._mean_edit_lr():.2e}")
-                entry = {"unit": self.state.units_done, "loss": loss, "seconds": self.state.seconds}
-                due = self.hp.val_interval and self.state.units_done % self.hp.val_interval == 0
-                if due and validate is not None:
-                    entry["val"] = validate()
+                done = self.state.units_done
+                entry = {"unit": done, "epoch": done / per_epoch, "loss": loss, "seconds": self.state.seconds}
+                interval = bool(self.hp.val_interval) and done % self.hp.val_interval == 0
+                if validate is None:
+                    self.state.history.append(entry)
+                    if interval and checkpoint is not None:
+                        checkpoint(self)
+                    continue
+                if not (interval or done % per_epoch == 0 or done == len(units)):
+                    self.state.history.append(entry)
+                    continue
+                entry["val"] = validate()
                 self.state.history.append(entry)
-                if due and checkpoint is not None:
-                    checkpoint(self)
+                bar.write(f"{self.hp.alg_name} unit {done} (epoch {done / per_epoch:.2f}): train loss {loss:.4f}, "
+                          + ", ".join(f"val {k} {v:.4f}" for k, v in entry["val"].items()))
+                if self._record_validation(entry["val"]):
+                    best_nets = copy.deepcopy(self.editor.nets.state_dict())
+                    if checkpoint is not None:
+                        checkpoint(self)
+                elif self.hp.early_stop_patience and self.state.stale_validations >= self.hp.early_stop_patience:
+                    self.state.stopped_early = True
+                    break
         finally:
             for p in frozen:
                 p.requires_grad_(True)
             for n, w in self.weights.items():
                 w.requires_grad_(flags[n])
+        if best_nets is not None and self.state.best_val_loss is not None:
+            self.editor.nets.load_state_dict(best_nets)
         return self.state
 
     def _mean_edit_lr(self) -> float:

@@ -1,0 +1,121 @@
+"""Data-parallel hypernetwork training on ``torch.distributed`` (``torchrun`` / ``accelerate launch``).
+
+Each rank holds a full copy of the model and runs the LLM passes of its share of every batch's
+micro-batches (micro-batch ``k`` goes to rank ``k % world_size``; the micro-batches themselves are the
+single-process ones, so every per-micro-batch token mean is unchanged). Everything the hypernetwork
+needs from the whole batch is a sum over rows or over micro-batches, and only those sums travel:
+
+* the normaliser's batch statistics (row count, sum, sum of squared deviations),
+* the ridge system ``KᵀK`` and right-hand side ``KᵀD`` of each module (always the primal form, whose
+  size does not depend on the batch),
+* the meta-loss weight gradients ``∂L/∂W`` of each module,
+* the hypernetwork gradients (summed, then every rank takes the same Adam step).
+
+So the shift, the solve and the update do not depend on the number of ranks (up to float rounding).
+A single process never touches this module's collectives: :data:`SINGLE` reduces nothing.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional, Sequence, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+#: Seconds a collective may wait for the other ranks before the run fails (``SMEDIT_DIST_TIMEOUT``).
+DEFAULT_TIMEOUT_S = 600
+
+
+class RowReduce:
+    """Sums across the ranks of one data-parallel run; the identity when ``world_size == 1``."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def active(self) -> bool:
+        """True when there are other ranks to sum with."""
+        return self.world_size > 1
+
+    @property
+    def is_first(self) -> bool:
+        """Rank 0: the one that writes files, logs and adds batch-global terms once."""
+        return self.rank == 0
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over ranks (a new tensor; the input is left as it was)."""
+        if not self.active:
+            return tensor
+        out = tensor.detach().clone().contiguous()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+
+    def sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each tensor over ranks in place (gradients before the optimiser step)."""
+        if not self.active:
+            return
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world_size``-th one starting at ``rank``."""
+        return list(items[self.rank::self.world_size])
+
+    def check_shardable(self, n_items: int, what: str) -> None:
+        """Every rank needs at least one micro-batch: say which setting to change when it would not get one."""
+        if self.active and n_items < self.world_size:
+            raise ValueError(f"{what}: {n_items} micro-batches for {self.world_size} ranks; every rank needs at least "
+                             f"one (raise n_edits or lower micro_batch_size or the number of processes)")
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+#: The reducer of a single process.
+SINGLE = RowReduce()
+
+
+def launched_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the variables torchrun and accelerate set; ``(0, 1, 0)`` otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+
+
+def init_from_environment(timeout_s: Optional[float] = None) -> tuple[RowReduce, Optional[torch.device]]:
+    """Join the process group a launcher set up (NCCL on CUDA, gloo on CPU), or return :data:`SINGLE`.
+
+    Returns the reducer and, under a launcher, this rank's device (``cuda:LOCAL_RANK`` when CUDA is
+    present, else the CPU). Collectives time out after ``timeout_s`` (default ``SMEDIT_DIST_TIMEOUT`` or
+    600 s), so a rank that died cannot leave the others waiting forever.
+    """
+    rank, world, local_rank = launched_world()
+    if world == 1:
+        return SINGLE, None
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("SMEDIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices; start at "
+                               "most one process per GPU (torchrun --nproc_per_node)")
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return RowReduce(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+
+
+def shutdown(reduce: RowReduce) -> None:
+    """Leave the process group (no-op in a single process)."""
+    if reduce.active and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
