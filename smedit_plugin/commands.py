@@ -38,7 +38,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .hparams import load_hparams
     from .hypernet.hparams import HypernetHyperParams
     from .hypernet.runner import check_out_dir, train_hypernet
-    from .models import load_model_and_tokenizer
+    from .models import load_model_for
 
     if args.max_steps is not None and (args.max_steps == 0 or args.max_steps < -1):
         raise ValueError(f"--max-steps must be a positive number of training units, or -1 for one full pass; "
@@ -58,8 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = args.dataset or detect_dataset(Path(args.data))
     train = load_records(Path(args.data), dataset)
     val = load_records(Path(args.val_data), dataset) if args.val_data else None
-    model, tok = load_model_and_tokenizer(hp.model_name, dtype=hp.model_dtype or ("float16" if hp.fp16 else None),
-                                          device=hp.device)
+    model, tok = load_model_for(hp)
     result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
                             resume=not args.no_resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"trained {hp.alg_name} on {result.edits_seen} edits in {result.train_seconds:.1f} s "

@@ -19,7 +19,7 @@ def resolve_device(spec: DeviceSpec) -> torch.device:
         if spec.type == "cuda" and not torch.cuda.is_available():
             warnings.warn(f"device {spec} requested but CUDA is not available; using CPU", stacklevel=2)
             return torch.device("cpu")
-        return spec
+        return _check_cuda_index(spec)
     if spec is None:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if isinstance(spec, bool):
@@ -35,6 +35,17 @@ def resolve_device(spec: DeviceSpec) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device {spec!r} requested but CUDA is not available; using CPU", stacklevel=2)
         return torch.device("cpu")
+    return _check_cuda_index(dev)
+
+
+def _check_cuda_index(dev: torch.device) -> torch.device:
+    """A GPU index that exists, or an error saying which ones do (CUDA's own error names no setting)."""
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise ValueError(f"device {dev} requested but this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1}); set 'device' to one of them, or to null for the "
+                             "default GPU (model_parallel: true spreads a model over all of them)")
     return dev
 
 

@@ -293,8 +293,8 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
     """A ``BaseEditor`` for a model EasyEdit cannot load by name (Gemma, ``smollm2-135m``, a model in memory).
 
     Give ``model`` and ``tokenizer``, or only ``name`` (loaded with
-    :func:`smedit_plugin.models.load_model_and_tokenizer`), or neither (``hparams.model_name`` is
-    used). The editor gets a copy of ``hparams`` whose ``model_name`` is the ``(model, tokenizer)``
+    :func:`smedit_plugin.models.load_model_for`: ``model_dtype``, ``device`` and ``model_parallel``
+    of the hparams), or neither (``hparams.model_name`` is used). The editor gets a copy of ``hparams`` whose ``model_name`` is the ``(model, tokenizer)``
     tuple; afterwards ``editor.model_name`` and ``editor.hparams.model_name`` are set to a
     descriptive string because EasyEdit's evaluation and methods (FT, ...) call ``.lower()`` on them.
     A tokenizer without a pad token gets its eos token as pad.
@@ -314,10 +314,9 @@ def load_editor(hparams: Any, model: Optional[torch.nn.Module] = None, tokenizer
     if model is None and isinstance(source, tuple):
         model, tokenizer = source
     elif model is None:
-        from .models import load_model_and_tokenizer
+        from .models import load_model_for
 
-        model, tokenizer = load_model_and_tokenizer(source, device=getattr(hparams, "device", None),
-                                                    model_parallel=bool(getattr(hparams, "model_parallel", False)))
+        model, tokenizer = load_model_for(hparams, source)
         name = source
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import difflib
+from typing import Iterable
 
+import torch
 from torch import nn
 
 
@@ -52,4 +54,32 @@ def resolve_edit_modules(model: nn.Module, names: list[str]) -> list[tuple[str, 
             )
         seen.add(name)
         resolved.append((name, module))
+    refuse_offloaded(model, [name for name, _ in resolved], "edit_modules")
     return resolved
+
+
+def _accelerate_hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def refuse_offloaded(model: nn.Module, names: Iterable[str], field: str) -> None:
+    """Raise before any change if an edited module's weights are offloaded (``device_map`` with cpu/disk offload).
+
+    Accelerate keeps such weights on the meta device and swaps a copy in for each forward, so an
+    in-place edit would be written into a throw-away copy (or fail on meta) and be lost silently.
+    """
+    offloaded = []
+    for name in names:
+        module = model.get_submodule(name)
+        parts = name.split(".")
+        owners = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) + 1)]
+        weight = getattr(module, "weight", None)
+        on_meta = isinstance(weight, torch.Tensor) and weight.device == torch.device("meta")
+        if on_meta or any(getattr(hook, "offload", False) for owner in owners for hook in _accelerate_hooks(owner)):
+            offloaded.append(name)
+    if offloaded:
+        raise ValueError(
+            f"hparams field {field!r}: {offloaded} are offloaded (device_map put their weights on cpu/disk, they live "
+            "on the meta device between forwards), so an edit would be lost; load the model so these modules sit on a "
+            "GPU or the CPU (e.g. device_map='auto' with a larger max_memory, or no offload) or edit other layers")

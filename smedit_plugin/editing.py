@@ -135,11 +135,16 @@ def weights_copy_for_easyedit(snapshot: WeightsSnapshot, *, return_orig_weights:
     ``return_orig_weights`` is True. EasyEdit is never imported here (its import seeds RNGs and
     configures logging); an unloaded EasyEdit cannot be the caller.
     """
-    if not return_orig_weights:
-        return {}
-    if detect_era(allow_import=False) == "A" and not keep_original_weight:
+    if not weights_copy_wanted(return_orig_weights=return_orig_weights, keep_original_weight=keep_original_weight):
         return {}
     return snapshot.as_weights_copy()
+
+
+def weights_copy_wanted(*, return_orig_weights: bool, keep_original_weight: bool) -> bool:
+    """Whether :func:`weights_copy_for_easyedit` will return the copy (so state it alone needs is worth cloning)."""
+    if not return_orig_weights:
+        return False
+    return not (detect_era(allow_import=False) == "A" and not keep_original_weight)
 
 
 def maybe_copy_model(model: nn.Module, copy: bool) -> nn.Module:

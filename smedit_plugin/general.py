@@ -213,7 +213,8 @@ def _forward_logits(
     padded = [[offset + p for p in positions] for offset, positions in zip(offsets, wanted)]
     if _accepts_logits_to_keep(model):
         keep = sorted({p for positions in padded for p in positions})
-        logits = model(**inputs, logits_to_keep=torch.tensor(keep, device=device)).logits
+        # on the CPU: an index tensor there may index the last layer's output on any GPU of a device_map
+        logits = model(**inputs, logits_to_keep=torch.tensor(keep)).logits
         if logits.shape[1] != len(keep):
             raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep (got {logits.shape[1]} positions, "
                                f"expected {len(keep)})")

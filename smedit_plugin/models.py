@@ -66,6 +66,15 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def load_model_for(hparams: Any, name: Optional[str] = None) -> tuple[nn.Module, Any]:
+    """Load ``name`` (default ``hparams.model_name``) as the hparams say: ``model_dtype`` (null = float16
+    if ``fp16`` else float32, as the field's help promises), ``device`` and ``model_parallel``."""
+    dtype = getattr(hparams, "model_dtype", None) or ("float16" if getattr(hparams, "fp16", False) else "float32")
+    return load_model_and_tokenizer(hparams.model_name if name is None else name, dtype=dtype,
+                                    device=getattr(hparams, "device", None),
+                                    model_parallel=bool(getattr(hparams, "model_parallel", False)))
+
+
 # --------------------------------------------------------------------------------------------
 # Architectures the papers edit, and tiny random stand-ins with their real depths
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ def template_batch(view: TokenView, requests: Sequence[EditRequest], groups: Seq
 def compute_keys_and_cur(model: nn.Module, view: TokenView, requests: Sequence[EditRequest],
                          groups: Sequence[Sequence[str]], rewrite_module: nn.Module, z_block: nn.Module,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K [f, n], cur [d, n])`` in float32 under whatever hooks are attached right now."""
+    """``(K [f, n], cur [d, n])`` in float32 under whatever hooks are attached right now.
+
+    ``K`` is on the rewrite module's device and ``cur`` on the z block's (they differ under a ``device_map``).
+    """
     seqs, last = template_batch(view, requests, groups)
     ids, mask = view.right_pad(seqs, device)
     rows = torch.arange(len(seqs), device=device)
@@ -41,10 +44,12 @@ def compute_keys_and_cur(model: nn.Module, view: TokenView, requests: Sequence[E
     captured: dict[str, torch.Tensor] = {}
 
     def keys_hook(_mod: nn.Module, args: tuple) -> None:
-        captured["keys"] = args[0][rows, cols].float()
+        device = args[0].device  # the module's own device under a device_map
+        captured["keys"] = args[0][rows.to(device), cols.to(device)].float()
 
     def cur_hook(_mod: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-        captured["cur"] = block_hidden(output)[rows, cols].float()
+        hidden = block_hidden(output)
+        captured["cur"] = hidden[rows.to(hidden.device), cols.to(hidden.device)].float()
 
     handles = [rewrite_module.register_forward_pre_hook(keys_hook), z_block.register_forward_hook(cur_hook)]
     try:
@@ -54,7 +59,7 @@ def compute_keys_and_cur(model: nn.Module, view: TokenView, requests: Sequence[E
         for handle in handles:
             handle.remove()
     n_templates = sum(len(g) for g in groups)
-    weights = torch.tensor(template_weights(groups), device=device)
+    weights = torch.tensor(template_weights(groups), device=captured["keys"].device)
     keys = (captured["keys"].reshape(len(requests), n_templates, -1) * weights[None, :, None]).sum(1)
     cur = captured["cur"].reshape(len(requests), n_templates, -1)[:, 0]
     return keys.T.contiguous(), cur.T.contiguous()

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..tfcompat import cache_keyword, returned_cache
 from .modules import (base_model, block_hidden, cache_checkpoint, logits_from_hidden, replace_block_hidden,
-                      sliding_window, stop_after)
+                      select_cache_rows, sliding_window, stop_after)
 from .templates import KL_PROMPT_SUFFIX, EditRequest, TokenView, split_template
 
 logger = logging.getLogger(__name__)
@@ -130,12 +130,14 @@ class _FullRunner:
         """Loss-block output at ``(rows, cols)`` with ``delta`` added at every subject's last token."""
         b = self.batch
         captured: dict[str, torch.Tensor] = {}
-        shift = delta[b.request_of_row].to(self.z_out.dtype)
-        every = torch.arange(b.ids.shape[0], device=b.ids.device)
+        z_device = self.z_out.device
+        shift = delta[b.request_of_row.to(delta.device)].to(device=z_device, dtype=self.z_out.dtype)
+        every = torch.arange(b.ids.shape[0], device=z_device)
+        subject_last = b.subject_last.to(z_device)
 
         def inject(_mod: nn.Module, _args: tuple, output: Any) -> Any:
             hidden = self.z_out.clone()
-            hidden[every, b.subject_last] = hidden[every, b.subject_last] + shift
+            hidden[every, subject_last] = hidden[every, subject_last] + shift
             return replace_block_hidden(output, hidden)
 
         def grab(_mod: nn.Module, _args: tuple, output: Any) -> None:
@@ -148,7 +150,8 @@ class _FullRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        return captured["h"][rows, cols]
+        hidden = captured["h"]
+        return hidden[rows.to(hidden.device), cols.to(hidden.device)]
 
 
 @dataclasses.dataclass
@@ -221,15 +224,16 @@ class _PrefixRunner:
         allowed = torch.cat([cached_ok.expand(len(rows), width, -1), new_ok.expand(len(rows), width, width)], dim=-1)
         mask = torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
                            torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))[:, None]
-        return _Bucket(row_t, torch.tensor(requests, dtype=torch.long, device=device), ids, positions, mask,
-                       self.z_out[row_t[:, None], positions])
+        z_device = self.z_out.device
+        return _Bucket(row_t, torch.tensor(requests, dtype=torch.long, device=z_device), ids, positions, mask,
+                       self.z_out[row_t.to(z_device)[:, None], positions.to(z_device)])
 
     def _run(self, bucket: _Bucket, shift: torch.Tensor) -> torch.Tensor:
         """Output of the last upper block for one bucket (first time through the model, then replayed)."""
         hidden = bucket.base.clone()
         hidden[:, 0] = hidden[:, 0] + shift
         with cache_checkpoint(self.cache):
-            self.cache.batch_select_indices(bucket.rows)
+            select_cache_rows(self.cache, bucket.rows)
             if bucket.replay is not None:
                 for block, (args, kwargs) in zip(self.upper_blocks, bucket.replay):
                     hidden = block_hidden(block(hidden, *args, **kwargs))
@@ -269,12 +273,14 @@ class _PrefixRunner:
         for bucket in self.buckets:
             if not bool(active[bucket.requests].any()):
                 continue
-            shift = delta[b.request_of_row[bucket.rows]].to(self.z_out.dtype)
-            hidden = self._run(bucket, shift)
+            shift = delta[b.request_of_row[bucket.rows].to(delta.device)].to(device=bucket.base.device,
+                                                                                dtype=self.z_out.dtype)
+            hidden = self._run(bucket, shift).to(out.device)
             width = hidden.shape[1]
-            out = out.index_put((bucket.rows[:, None].expand(-1, width),
+            out = out.index_put((bucket.rows.to(out.device)[:, None].expand(-1, width),
                                  torch.arange(width, device=out.device)[None, :].expand(len(bucket.rows), -1)), hidden)
-        return out[rows, cols - b.subject_last[rows]]
+        rows, cols = rows.to(out.device), cols.to(out.device)
+        return out[rows, cols - b.subject_last.to(out.device)[rows]]
 
 
 def compute_target_values(model: nn.Module, view: TokenView, requests: Sequence[EditRequest],
@@ -307,7 +313,9 @@ def _chunk_target_values(model: nn.Module, view: TokenView, requests: Sequence[E
     runner = (_PrefixRunner(model, batch, z_block, upper_blocks) if hp.z_prefix_cache and fits
               else _FullRunner(model, batch, z_block, upper_blocks[-1]))
     n = len(requests)
-    z_init = runner.z_out[batch.init_rows, batch.subject_last[batch.init_rows]].float()  # [n, d]
+    z_device = runner.z_out.device  # delta and the per-request bookkeeping live with the z block (device_map)
+    init_rows = batch.init_rows.to(z_device)
+    z_init = runner.z_out[init_rows, batch.subject_last.to(z_device)[init_rows]].float()  # [n, d]
     max_norm = hp.clamp_norm_factor * z_init.norm(dim=1)  # [n]
     delta = torch.zeros_like(z_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -315,22 +323,28 @@ def _chunk_target_values(model: nn.Module, view: TokenView, requests: Sequence[E
     rows = torch.cat([batch.target_rows, batch.kl_rows])
     cols = torch.cat([batch.target_cols, kl_cols])
     n_targets = batch.target_rows.numel()
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    steps_taken = torch.zeros(n, dtype=torch.long, device=device)
+    active = torch.ones(n, dtype=torch.bool, device=z_device)
+    steps_taken = torch.zeros(n, dtype=torch.long, device=z_device)
     kl_init = None
-    losses = torch.zeros(n, device=device)
+    losses = torch.zeros(n, device=z_device)
+    targets = None
     for step in range(hp.v_num_grad_steps):
         hidden = runner.loss_rows(delta, rows, cols, active)
         log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
-        token_lp = log_probs[:n_targets].gather(1, batch.target_ids[:, None]).squeeze(1)
-        prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=device).index_add(0, batch.target_prompt, token_lp)
-        prompt_nll = prompt_nll / batch.prompt_len
-        per_request = torch.zeros(n, device=device).index_add(0, batch.prompt_request, prompt_nll)
-        nll = per_request / torch.bincount(batch.prompt_request, minlength=n)
+        if targets is None:  # the index tensors, once, on the device the logits come out on
+            targets = {key: getattr(batch, key).to(log_probs.device)
+                       for key in ("target_ids", "target_prompt", "prompt_request", "prompt_len")}
+        out_device = log_probs.device
+        token_lp = log_probs[:n_targets].gather(1, targets["target_ids"][:, None]).squeeze(1)
+        prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=out_device).index_add(
+            0, targets["target_prompt"], token_lp)
+        prompt_nll = prompt_nll / targets["prompt_len"]
+        per_request = torch.zeros(n, device=out_device).index_add(0, targets["prompt_request"], prompt_nll)
+        nll = (per_request / torch.bincount(targets["prompt_request"], minlength=n)).to(z_device)
         kl_lp = log_probs[n_targets:]
         if kl_init is None:
             kl_init = kl_lp.detach()
-        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(z_device)
         decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + decay
         losses = torch.where(active, loss.detach(), losses)

@@ -113,9 +113,9 @@ def collect_second_moments(model: nn.Module, tok: Any, modules: dict[str, nn.Mod
 
     def capture(name: str):
         def pre_hook(_mod: nn.Module, args: tuple) -> None:
-            keys = args[0][current_mask[0]].to(dtype)
+            keys = args[0][current_mask[0].to(args[0].device)].to(dtype)
             total = keys.T @ keys
-            sums[name] = total if sums[name] is None else sums[name] + total
+            sums[name] = total if sums[name] is None else sums[name].add_(total)
         return pre_hook
 
     handles = [module.register_forward_pre_hook(capture(name)) for name, module in modules.items()]

@@ -3,7 +3,9 @@
 The hook layer of layer ``l`` owns ``delta_w`` (``W_h - W_0``, float32 master), ``c_accu`` and
 ``alpha`` as non-trainable ``nn.Parameter``s, so they appear in ``model.named_parameters()`` and
 EasyEdit's restore of ``weights_copy`` (which writes tensors back by parameter name) rolls them
-back exactly; the model's original parameters keep their names and are never written. A forward
+back exactly; the model's original parameters keep their names and are never written. They follow
+``model.to(device)`` but not ``model.to(dtype)`` (buffers would be cast just the same), so a bf16
+model keeps float32 state. A forward
 hook on the rewrite module adds ``delta_w k`` to its output according to the mode:
 
 * ``validated`` (inference): only tokens whose z-score of ``||delta_w k||`` reaches ``alpha``;
@@ -81,6 +83,19 @@ class HookLayer(nn.Module):
         self.scope = scope
         self.mode = "validated"
         self.recorded: list[torch.Tensor] = []
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "HookLayer":
+        """Follow the model's device moves but never its dtype casts.
+
+        ``model.to(torch.bfloat16)`` or ``model.half()`` would otherwise round ``delta_w``, ``c_accu``
+        and ``alpha`` (float32/float64 masters) for good; each tensor goes where ``fn`` would send a
+        tensor of its own dtype, and keeps that dtype.
+        """
+        def device_only(tensor: torch.Tensor) -> torch.Tensor:
+            probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+            return tensor.to(probe.device)
+
+        return super()._apply(device_only, recurse)
 
     def shift(self, keys: torch.Tensor) -> torch.Tensor:
         """``delta_w k`` for every token, float32."""

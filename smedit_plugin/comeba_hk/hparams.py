@@ -104,6 +104,7 @@ class COMEBAHKHyperParams(MethodHyperParams):
     mask_padding: bool = F(default=True, metadata={"help": "padding never counts in the z-score nor is swapped"})
     mask_bos: bool = F(default=True, metadata={"help": "a BOS the tokenizer adds never counts in the z-score nor is swapped"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
+    fp32_edit_weights: Optional[bool] = F(default=None, metadata={"help": "MEMIT-C: hold the rewrite modules in float32 during a step and round once at its end (costs one float32 copy of each edited weight); null = on for bf16/fp16 models"})
 
     _checks: ClassVar[tuple] = (_layers_increasing, _loss_layer_above, _templates_have_slot, _template_params, _hook_matches_name)
 

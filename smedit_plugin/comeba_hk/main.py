@@ -10,7 +10,8 @@ A step, for a batch of requests and the edited layers ``L`` (lowest first):
    ``delta_w += Delta_l``, ``C_accu += K_l K_l^T``, hook on ``l`` becomes *validated*;
 4. calibrate ``alpha_l <- min(alpha_l, min_x max_t z_t)`` on the batch's prompts with recording hooks.
 
-MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and no hooks.
+MEMIT-C runs the same steps with ``Delta_l`` added to the weights in place and no hooks (for a bf16/fp16
+model into float32 copies of the rewrite weights, rounded once at the end of the step).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from ..devices import model_input_device
-from ..edit_modules import weight_shape_in_out
-from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
+from ..edit_modules import refuse_offloaded, weight_shape_in_out
+from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit, weights_copy_wanted
 from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
+from ..precision import float32_edit_weights, wants_float32
 from ..request_checks import check_lengths, check_locality, warn_contradictions
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
@@ -65,6 +67,7 @@ class _Modules:
                 weight_shape_in_out(module)
             except ValueError as exc:
                 raise ValueError(f"hparams field 'rewrite_module_tmp': {name}: {exc}") from None
+        refuse_offloaded(model, self.names, "rewrite_module_tmp")
         self.blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp") for layer in hp.layers]
         self.z_block = self.blocks[-1]
         self.upper_blocks = [get_module(model, hp.layer_module_tmp.format(layer), "layer_module_tmp")
@@ -111,7 +114,8 @@ def _create_state(model: nn.Module, tok: Any, hp: COMEBAHKHyperParams, mods: _Mo
             moments = {name: torch.eye(weight_shape_in_out(m)[0], dtype=dtype, device=m.weight.device)
                        for name, m in zip(mods.names, mods.rewrite)}
         templates = generate_context_templates(model, tok, hp.context_template_length_params, hp.seed, device)
-    c_accus = [initial_c_accu(moments[name], hp.mom2_update_weight, hp.cov_ridge, hp.cov_shrinkage).to(dtype)
+    # popped: each layer's E[kk^T] is freed as soon as its C_accu exists
+    c_accus = [initial_c_accu(moments.pop(name), hp.mom2_update_weight, hp.cov_ridge, hp.cov_shrinkage).to(dtype)
                for name in mods.names]
     info = {"alg_name": hp.alg_name, "layers": list(hp.layers), "rewrite_modules": mods.names,
             "templates": templates, "bos_id": TokenView(tok).bos_id, "fingerprint": fingerprint}
@@ -154,9 +158,12 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
     layers = [getattr(m, HOOK_ATTR) for m in mods.rewrite]
     hooks = hp.hooks_enabled
     report: dict[str, Any] = {"residual_norms": []}
+    new_keys: list[torch.Tensor] = []  # K_l per layer, added into C_accu_l once the step has succeeded
     tick = time.perf_counter()
+    rewrite = dict(zip(mods.names, mods.rewrite))
+    in_float32 = not hooks and wants_float32(rewrite, hp.fp32_edit_weights)
     try:
-        with frozen_eval(model):
+        with frozen_eval(model), float32_edit_weights(rewrite, in_float32) as rounding:
             if hooks:
                 set_mode(layers, "validated")
             z, z_info = compute_target_values(model, view, requests, groups, mods.z_block, mods.upper_blocks, mods.ln_f,
@@ -171,7 +178,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                 if mods.post_norms[i] is not None:
                     residuals = _through_post_norm(module, mods.post_norms[i], keys, residuals)
                 c_accu = layer.c_accu
-                delta = consecutive_update(residuals.to(c_accu.device), keys.to(c_accu.device), c_accu)
+                keys = keys.to(c_accu.device)
+                delta = consecutive_update(residuals.to(c_accu.device), keys, c_accu)
                 where = f"layer {hp.layers[i]} ({i + 1} of {len(layers)})"
                 require_finite(keys, method=hp.alg_name, where=where, module=mods.names[i], cause=KEYS_CAUSE)
                 require_finite(delta, method=hp.alg_name, where=where, module=mods.names[i], cause=DELTA_CAUSE)
@@ -184,17 +192,21 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
                         weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
                         require_finite(weight, method=hp.alg_name, where=where, module=mods.names[i],
                                        cause=OVERFLOW_CAUSE)
-                    accumulate_keys(c_accu, keys.to(c_accu.device))
+                new_keys.append(keys)
                 report["residual_norms"].append(float(residuals.norm(dim=0).mean()))
             if hooks:
                 report["alpha_candidates"] = calibrate_alpha(model, view, requests, layers, mods.z_block, device,
                                                              hp.calibrate_with_validated_hooks)
                 report["alpha"] = [float(layer.alpha) for layer in layers]
             with torch.no_grad():
+                # last, in place: nothing after this can fail, so C_accu needs no snapshot to be rolled back
+                for layer, keys in zip(layers, new_keys):
+                    accumulate_keys(layer.c_accu, keys)
                 controller.steps.add_(1)
     finally:
         if hooks:
             set_mode(layers, "validated")
+    report["rounding_error"] = rounding.relative_error
     report["seconds"] = time.perf_counter() - tick
     logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, residual norms %s, alpha %s)",
                 hp.alg_name, int(controller.steps), len(requests), report["seconds"], report["z_seconds"],
@@ -233,11 +245,13 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
     created = controller is None
     if not created:
         _adopt_scope_options(model, controller, hparams)
+    # C_accu changes only at the very end of a step (edit_step), so it is copied only for EasyEdit's weights_copy
+    keep_c_accu = weights_copy_wanted(return_orig_weights=return_orig_weights, keep_original_weight=keep_original_weight)
     with edit_transaction(model) as snapshot:
         if created:
             snapshot.on_restore(lambda: remove_hook_layers(model))
             controller = _create_state(model, tok, hparams, mods, model_input_device(model))
-        tracked = list(state_parameters(model))
+        tracked = [name for name in state_parameters(model) if keep_c_accu or not name.endswith(f"{HOOK_ATTR}.c_accu")]
         if not hparams.hooks_enabled:
             tracked += [f"{name}.weight" for name in mods.names]
         for name in tracked:

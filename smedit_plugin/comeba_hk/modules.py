@@ -111,11 +111,11 @@ def logits_from_hidden(hidden: torch.Tensor, ln_f: nn.Module, lm_head: nn.Module
                        softcap: Optional[float]) -> torch.Tensor:
     """Float32 logits of a few block-output rows: final norm, unembedding (+ bias), soft-cap.
 
-    Only the rows the loss needs go through the unembedding; HF would compute every position.
+    Only the rows the loss needs go through the unembedding; HF would compute every position. The
+    modules are called (not their ``.weight`` read), so a ``device_map``'s hooks move the rows to them.
     """
     normed = ln_f(hidden)
-    weight = lm_head.weight
-    logits = torch.nn.functional.linear(normed.to(weight.dtype), weight, getattr(lm_head, "bias", None)).float()
+    logits = lm_head(normed.to(lm_head.weight.dtype)).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return logits
@@ -159,6 +159,23 @@ def cache_checkpoint(cache: Any) -> Iterator[None]:
         for owner, attributes in saved:
             owner.__dict__.clear()
             owner.__dict__.update(attributes)
+
+
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
+    """Keep only ``rows`` of the batch in a KV cache, each layer indexed on its own device (``device_map``).
+
+    ``cache.batch_select_indices`` would index every layer with one tensor, which fails once the
+    layers live on several GPUs.
+    """
+    layers = [layer for layer in getattr(cache, "layers", []) if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+    if layers:
+        for layer in layers:
+            layer.batch_select_indices(rows.to(layer.keys.device))
+        return
+    for store in (getattr(cache, "key_cache", None), getattr(cache, "value_cache", None)):  # transformers 4.x
+        for i, tensor in enumerate(store or []):
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                store[i] = tensor[rows.to(tensor.device), ...]
 
 
 def sliding_window(model: nn.Module) -> Optional[int]:

@@ -30,15 +30,25 @@ def consecutive_update(residuals: torch.Tensor, keys: torch.Tensor, c_accu: torc
     ``c_accu = lambda C0`` this is exactly MEMIT's ``R [(lambda C0 + K K^T)^{-1} K]^T``.
     """
     k = keys.double()
-    system = c_accu.double() + k @ k.T
+    system = c_accu.double() if c_accu.dtype != torch.float64 else c_accu.clone()  # one float64 f x f copy
+    system.add_(k @ k.T)
     solved = solve_spd(system, k)
     return residuals.double() @ solved.T
 
 
+#: Rows of ``C_accu`` updated at a time by :func:`accumulate_keys` (bounds its float64 temporaries).
+ACCUMULATE_ROWS = 1024
+
+
 def accumulate_keys(c_accu: torch.Tensor, keys: torch.Tensor) -> None:
-    """Eq. 15: ``C_accu += K K^T`` in place (summed in float64, stored in ``c_accu``'s dtype)."""
+    """Eq. 15: ``C_accu += K K^T`` in place (summed in float64, stored in ``c_accu``'s dtype).
+
+    Row blocks at a time, so no float64 copy of the whole ``f x f`` matrix is made.
+    """
     k = keys.double()
-    c_accu.copy_((c_accu.double() + k @ k.T).to(c_accu.dtype))
+    for start in range(0, c_accu.shape[0], ACCUMULATE_ROWS):
+        rows = c_accu[start:start + ACCUMULATE_ROWS]
+        rows.copy_((rows.double() + k[start:start + ACCUMULATE_ROWS] @ k.T).to(c_accu.dtype))
 
 
 def spread_residual(targets: torch.Tensor, current: torch.Tensor, index: int, n_layers: int) -> torch.Tensor:
@@ -52,12 +62,13 @@ def initial_c_accu(c0: torch.Tensor, weight: float, ridge: float = 0.0, shrinkag
     """``lambda * C0'`` with ``C0' = (1 - rho) C0 + rho tr(C0)/f I + beta I`` (spec 6.3, A19), in float64."""
     c = c0.double()
     f = c.shape[0]
-    eye = torch.eye(f, dtype=torch.float64, device=c.device)
-    if shrinkage:
-        c = (1.0 - shrinkage) * c + shrinkage * (torch.trace(c) / f) * eye
+    if shrinkage:  # added on the diagonal: no dense identity (14336^2 float64 is 1.6 GB)
+        c = (1.0 - shrinkage) * c
+        c.diagonal().add_(shrinkage * (torch.trace(c0.double()) / f))
     if ridge:
-        c = c + ridge * eye
-    return weight * c
+        c = c.clone() if c is c0 else c
+        c.diagonal().add_(ridge)
+    return weight * c if c is c0 else c.mul_(weight)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ cache keys and value gradients of the edit tuples at the current weights, predic
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from ..editing import WeightsSnapshot, edit_transaction
 from ..request_checks import check_lengths, warn_contradictions
 from ..edit_modules import resolve_edit_modules
 from ..errors import OVERFLOW_CAUSE, require_finite
+from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from .hparams import HypernetHyperParams
@@ -24,6 +26,8 @@ from .network import HyperNet, build_hypernets, shape_key
 from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
 from .solve import RidgeSolve
+
+logger = logging.getLogger(__name__)
 
 
 #: Likely causes of a NaN/inf ``param_shift``, named in the error.
@@ -120,10 +124,13 @@ class HypernetEditor(nn.Module):
                 for i in range(0, len(prompts), size)]
 
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
-                update_normaliser: bool, prefix: Optional[FrozenPrefix] = None) -> StepRecord:
+                update_normaliser: bool, prefix: Optional[FrozenPrefix] = None,
+                for_meta_backward: bool = True) -> StepRecord:
         """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
 
         ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
+        ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
+        its shift is applied, so one module's worth is held at a time; the record then holds shifts only.
         """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
         caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device,
@@ -133,10 +140,14 @@ class HypernetEditor(nn.Module):
                 self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
         shifts, solvers = {}, {}
         for pos, name in enumerate(self.module_names):
-            c = caches[name]
+            c = caches[name] if for_meta_backward else caches.pop(name)
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
                                                    c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
-            shifts[name], solvers[name] = shift, solver
+            del c
+            shifts[name] = shift
+            if for_meta_backward:
+                solvers[name] = solver
+            del solver
             where = f"BP step {step + 1} of {self.hparams.bp_steps}"
             require_finite(shift, method=self.hparams.alg_name, where=where, module=name, cause=SHIFT_CAUSE)
             add_param_shift_(self._modules_ref[name], shift)
@@ -169,22 +180,33 @@ class HypernetEditor(nn.Module):
                 net.normaliser.frozen = frozen
 
 
-def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str]) -> None:
-    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen."""
+def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str],
+                targets: Sequence[str]) -> RoundingReport:
+    """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
+
+    With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
+    that are rounded once at the end; the report holds that rounding error (empty in float32).
+    """
     mbs = editor.edit_micro_batches(tok, prompts, targets)
-    weights = [editor.edit_module(n).weight for n in editor.module_names]
+    modules = {n: editor.edit_module(n) for n in editor.module_names}
+    weights = [m.weight for m in modules.values()]
     flags = [w.requires_grad for w in weights]
     editor.set_normaliser_frozen(True)
     try:
-        for w in weights:
-            w.requires_grad_(True)
-        prefix = editor.frozen_prefix(model)
-        for s in range(editor.hparams.bp_steps):
-            editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix)
+        with float32_edit_weights(modules, wants_float32(modules, editor.hparams.fp32_edit_weights)) as rounding:
+            for w in weights:
+                w.requires_grad_(True)
+            prefix = editor.frozen_prefix(model)
+            for s in range(editor.hparams.bp_steps):
+                editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix, for_meta_backward=False)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
+    if rounding.relative_error:
+        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
+                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
+    return rounding
 
 
 def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str], targets: Sequence[str],

@@ -64,6 +64,7 @@ class HypernetHyperParams(MethodHyperParams):
     chunk_size: int = F(default=1024, metadata={"range": (1, None), "help": "hypernetwork rows per chunk (no effect on results)"})
     micro_batch_size: int = F(default=4, metadata={"range": (1, None), "help": "examples per LLM forward; losses are summed over micro-batches"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
+    fp32_edit_weights: Optional[bool] = F(default=None, metadata={"help": "hold the edit modules in float32 during an edit and round once at the end (costs one float32 copy of each edited weight); null = on for bf16/fp16 models"})
     shift_penalty_norm: str = F(default="absolute", metadata={"choices": ("absolute", "relative"), "help": "form of the l2 penalty on each shift (methods with reg_coef): absolute = reg_coef * ||shift||^2 as in the papers; relative = reg_coef * ||shift||^2 / ||W||^2 per module, which does not depend on the model's width"})
     reuse_frozen_prefix: bool = F(default=True, metadata={"help": "compute the layers below the lowest edit module once per micro-batch and reuse them across BP steps and loss passes (same results; false = recompute, for checking)"})
     hypernet_device: Optional[Union[int, str]] = F(default=None, metadata={"help": "device of the hypernetwork; null = the model's device"})

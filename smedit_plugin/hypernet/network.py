@@ -16,6 +16,8 @@ from torch import Tensor, nn
 EPS_FP32 = float(torch.finfo(torch.float32).eps)
 
 Shape = tuple[int, int]
+#: Rows converted to float64 at a time by the normaliser's merge.
+NORMALISER_ROWS = 4096
 
 
 class RunningMeanStd(nn.Module):
@@ -58,12 +60,14 @@ class RunningMeanStd(nn.Module):
             raise ValueError(f"normaliser update expects rows of width {self.size}, got shape {tuple(x.shape)}")
         if self.frozen or x.shape[0] == 0:
             return
-        rows = x.detach().to(device=self.mean.device, dtype=torch.float64)
+        rows = x.detach().to(self.mean.device)
         m = float(rows.shape[0])
         n = float(self.n)
         n_new = n + m
-        batch_mean = rows.mean(dim=0)
-        batch_var = rows.var(dim=0, unbiased=False)
+        # float64 sums over row chunks: no float64 copy of every row at once
+        chunks = rows.split(NORMALISER_ROWS)
+        batch_mean = sum(chunk.double().sum(dim=0) for chunk in chunks) / m
+        batch_var = sum((chunk.double() - batch_mean).square().sum(dim=0) for chunk in chunks) / m
         mean = self.mean.to(torch.float64)
         delta = batch_mean - mean
         m2 = self.var.to(torch.float64) * n + batch_var * m + delta.square() * (n * m / n_new)

@@ -10,12 +10,13 @@ weight gradients ``G``, which :meth:`HypernetEditor.meta_backward` pushes throug
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import random
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..data import EditRecord
 from ..editing import WeightsSnapshot
+from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
@@ -179,6 +181,21 @@ class MetaTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
 
+    def _float32_edit_weights(self) -> ContextManager[RoundingReport]:
+        """Edit modules in float32 while a unit trains (bf16/fp16 models, ``fp32_edit_weights``), so the
+        meta-gradient is taken at the weights plus the unrounded shifts the norm penalty sees."""
+        modules = {name: self.editor.edit_module(name) for name in self.editor.module_names}
+        return float32_edit_weights(modules, wants_float32(modules, self.hp.fp32_edit_weights))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _restoring(snap: WeightsSnapshot) -> Iterator[None]:
+        """The unit's edits undone on the way out, whether it finished or failed."""
+        try:
+            yield
+        finally:
+            snap.restore()
+
     def _train_batch(self, batch: list[EditRecord]) -> float:
         """Batch mode: ``bp_steps`` stacked steps, an Adam step after each (step-wise updating)."""
         snap = self._snapshot()
@@ -186,7 +203,7 @@ class MetaTrainer:
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
         refs = self._reference_logits(unrel, prefix) if self.hp.locality_coef() > 0 else []
         loss = 0.0
-        try:
+        with self._float32_edit_weights(), self._restoring(snap):
             for s in range(self.hp.bp_steps):
                 rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
                 grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0], prefix)
@@ -196,8 +213,6 @@ class MetaTrainer:
                 self._optimizer_step()
                 if not self.hp.cumulative_steps:
                     snap.restore()
-        finally:
-            snap.restore()
         return loss
 
     def _train_trajectory(self, records: list[EditRecord]) -> float:
@@ -212,7 +227,7 @@ class MetaTrainer:
         at_current: dict[int, torch.Tensor] = {}
         total = 0.0
         self.opt.zero_grad(set_to_none=True)
-        try:
+        with self._float32_edit_weights(), self._restoring(snap):
             for i, batch in enumerate(batches):
                 history.append((self._equiv_mbs(batch), self._unrel_mbs(batch)))
                 weights = self.hp.trajectory_weights(i)
@@ -230,8 +245,6 @@ class MetaTrainer:
                 for rec in recs:
                     self.editor.meta_backward(rec, self._add_shift_penalty(grads, rec.shifts, scale))
             self._optimizer_step()
-        finally:
-            snap.restore()
         return total
 
     # -- validation ----------------------------------------------------------------------------
