@@ -129,6 +129,39 @@ def test_counterfact_oracle_for_the_winning_targets_scores_one(tok, counterfact)
     assert (result["efficacy"], result["generalization"]) == (0.0, 0.0)
 
 
+def test_portability_is_scored_on_its_own_questions_and_absent_is_none(tok, zsre) -> None:
+    """The real one-hop questions: a model that knows only their answers has PS 1 and ES 0; no questions, None."""
+    assert all(r.portability_prompts for r in zsre)
+    hops = OracleWithLogitsToKeep(tok, [(p, a) for r in zsre for p, a in zip(r.portability_prompts,
+                                                                             r.portability_answers)])
+    result = evaluate_records(hops, tok, zsre, dataset="zsre", progress=False)
+    assert (result["efficacy"], result["portability"]) == (0.0, 1.0)
+    edits = OracleWithLogitsToKeep(tok, [(r.prompt, r.target_new) for r in zsre])
+    assert evaluate_records(edits, tok, zsre, dataset="zsre", progress=False)["portability"] == 0.0
+    mixed = zsre[:2] + [dataclasses.replace(r, portability_prompts=(), portability_answers=()) for r in zsre[2:]]
+    result = evaluate_records(hops, tok, mixed, dataset="zsre", progress=False)
+    assert result["per_example"]["portability"] == [1.0, 1.0] + [None] * 4 and result["portability"] == 1.0
+    none = evaluate_records(hops, tok, mixed[2:], dataset="zsre", progress=False)
+    assert none["portability"] is None and none["per_example"]["portability"] == [None] * 4
+
+
+def test_probability_portability_compares_new_with_old_where_the_pair_exists(tok, counterfact) -> None:
+    question = "Which language do people speak in the country where the Eiffel Tower stands?"
+    paired = [dataclasses.replace(r, portability_prompts=(question,), portability_answers=("English",),
+                                  portability_old_answers=("French",)) for r in counterfact[:2]]
+    unpaired = dataclasses.replace(counterfact[2], portability_prompts=(question,), portability_answers=("English",))
+    records = paired + [unpaired]
+    new = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "English")]), tok, records, dataset="counterfact",
+                           progress=False)
+    assert new["per_example"]["portability"] == [1.0, 1.0, None] and new["portability"] == 1.0
+    old = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "French")]), tok, records, dataset="counterfact",
+                           progress=False)
+    assert old["portability"] == 0.0
+    accuracy = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "English")]), tok, records,
+                                dataset="counterfact", scoring="accuracy", progress=False)
+    assert accuracy["per_example"]["portability"] == [1.0, 1.0, 1.0]
+
+
 def test_batching_and_padding_never_change_a_score(tiny, zsre) -> None:
     model, tok = tiny("llama3", n_layers=2)
     prompts = [r.prompt for r in zsre] + [r.locality_prompts[0] for r in zsre]

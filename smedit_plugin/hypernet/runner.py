@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
@@ -41,12 +42,14 @@ class TrainResult:
 
 def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *,
                       n_edits: int, dataset: str = "zsre", locality: str = "gold", curve_every: int = 0,
-                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None,
+                      bar: Optional[tqdm] = None) -> dict[str, Any]:
     """Edit ``records`` in batches of ``n_edits`` that accumulate, score all of them on the final model, restore.
 
     ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
     ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
-    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model.
+    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model;
+    ``bar`` advances by each batch's edits.
     """
     snapshot = None
     reference = None
@@ -62,6 +65,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
             start = time.perf_counter()
             snapshot = edit_batch(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk], snapshot)
             edit_seconds += time.perf_counter() - start
+            if bar is not None:
+                bar.update(len(chunk))
             if after_batch is not None:
                 after_batch(batch_no)
             if curve_every and batch_no % curve_every == 0 and i + n_edits < len(records):
