@@ -14,7 +14,8 @@ from torch import nn
 
 from smedit_plugin.data import EditRecord, load_counterfact, load_zsre
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers, token_accuracy
-from smedit_plugin.text import tokenize_pair
+from smedit_plugin.hypernet.losses import answer_cross_entropy
+from smedit_plugin.text import build_batch, tokenize_pair
 
 
 class Oracle(nn.Module):
@@ -143,6 +144,27 @@ def test_portability_is_scored_on_its_own_questions_and_absent_is_none(tok, zsre
     assert result["per_example"]["portability"] == [1.0, 1.0] + [None] * 4 and result["portability"] == 1.0
     none = evaluate_records(hops, tok, mixed[2:], dataset="zsre", progress=False)
     assert none["portability"] is None and none["per_example"]["portability"] == [None] * 4
+
+
+def test_portability_answered_by_the_edit_target_rises_with_the_edit_and_equals_efficacy(tiny, zsre) -> None:
+    """A one-hop question that asks the edit itself, answered by its target: PS is ES before and after the edit.
+
+    The edit here is plain fine-tuning of a tiny model on the edit pairs until it has learnt them.
+    """
+    model, tok = tiny("smollm2", n_layers=2)
+    records = [dataclasses.replace(r, portability_prompts=(r.prompt,), portability_answers=(r.target_new,))
+               for r in zsre[:3]]
+    before = evaluate_records(model, tok, records, dataset="zsre", progress=False)
+    batch = build_batch(tok, [r.prompt for r in records], [r.target_new for r in records])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        answer_cross_entropy(model, batch).backward()
+        optimizer.step()
+    after = evaluate_records(model, tok, records, dataset="zsre", progress=False)
+    assert before["per_example"]["portability"] == before["per_example"]["efficacy"]
+    assert after["per_example"]["portability"] == after["per_example"]["efficacy"]
+    assert after["portability"] > before["portability"] and after["portability"] == 1.0
 
 
 def test_probability_portability_compares_new_with_old_where_the_pair_exists(tok, counterfact) -> None:
