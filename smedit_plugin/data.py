@@ -166,7 +166,8 @@ def _portability(fields: _Fields) -> dict[str, tuple[str, ...]]:
     def text(name: str) -> str:
         value = raw.get(name)
         if not isinstance(value, str) or not value.strip():
-            raise fields.error(f"portability.{name}", f"must be a non-empty string (EasyEdit's one-hop schema: {schema})")
+            raise fields.error(f"portability.{name}",
+                               f"must be a non-empty string (EasyEdit's one-hop schema: {schema})")
         return value
 
     question, answer = (text(name) for name in PORTABILITY_FIELDS)

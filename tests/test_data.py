@@ -243,14 +243,13 @@ def test_requests_leave_out_what_records_do_not_have() -> None:
     kwargs = to_edit_kwargs(records)
     assert kwargs["locality_inputs"]["neighborhood"]["prompt"] == ["q?", None]
     assert "subject" not in kwargs and "rephrase_prompts" not in kwargs and "portability_inputs" not in kwargs
-    records[1] = dataclasses.replace(records[1], portability_prompts=("Which country was the painter of Guernica from?",),
-                                     portability_answers=("Spain",))
+    question = "Which country was the painter of Guernica from?"
+    records[1] = dataclasses.replace(records[1], portability_prompts=(question,), portability_answers=("Spain",))
     kwargs = to_edit_kwargs(records, portability_key="hop")
-    assert kwargs["portability_inputs"] == {"hop": {"prompt": [None, "Which country was the painter of Guernica from?"],
-                                                    "ground_truth": [None, "Spain"]}}
+    assert kwargs["portability_inputs"] == {"hop": {"prompt": [None, question], "ground_truth": [None, "Spain"]}}
     requests = to_requests(records, portability_key="hop")
     assert requests[0]["portability"] == {}
-    assert requests[1]["portability"] == {"hop": {"prompt": records[1].portability_prompts[0], "ground_truth": "Spain"}}
+    assert requests[1]["portability"] == {"hop": {"prompt": question, "ground_truth": "Spain"}}
     with pytest.raises(ValueError, match=r"records\[0\].subject"):
         to_edit_kwargs([EditRecord(prompt="Who wrote Hamlet?", target_new="M", subject="Shakespeare")])
 

@@ -199,7 +199,8 @@ def _through_easyedit(ctx: RunContext, label: str, hparams: Any, probe: Optional
         with ctx.edit_bar(label) as bar:
             if cfg.protocol == "single-round":
                 for chunk in chunks:
-                    ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(chunk)]
+                    done = len(easyedit_metrics)
+                    ref = None if reference is None else reference[done:done + len(chunk)]
                     run = run_through_editor(hparams, model, tok, chunk, cfg.chunk_size, bar=bar)
                     seconds, mode = seconds + run.edit_seconds, run.mode
                     easyedit_metrics.extend(run.metrics)
