@@ -49,7 +49,7 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
     ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
     ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
     ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model;
-    ``bar`` advances by each batch's edits.
+    ``bar`` advances by each batch's edits and is closed after the last batch, before scoring.
     """
     snapshot = None
     reference = None
@@ -74,6 +74,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
                 m = evaluate_records(model, tok, seen, dataset=dataset, locality=locality, progress=False,
                                      reference=None if reference is None else reference[:len(seen)])
                 curve.append({"num_seq": batch_no, **{k: m[k] for k in METRICS}})
+        if bar is not None:
+            bar.close()
         metrics = evaluate_records(model, tok, list(records), dataset=dataset, locality=locality, reference=reference,
                                    progress=progress)
     finally:
