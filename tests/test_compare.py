@@ -168,10 +168,12 @@ def test_locate_methods_under_the_batch_protocol(shared_cache, tiny, zsre_eval_p
 
 
 def test_portability_is_scored_after_the_edit_and_null_without_questions(shared_cache, tiny, zsre_eval_path,
-                                                                         zsre_train_path, tmp_path, monkeypatch) -> None:
+                                                                         zsre_train_path, tmp_path, monkeypatch,
+                                                                         capsys) -> None:
     """Records whose one-hop question asks the edit itself (answer = edit target): each row's PS is its ES.
 
-    Records without portability questions give ``portability: null`` in every row and no PS column.
+    Records without portability questions give ``portability: null`` in every row and no PS column; the
+    consecutive protocol's edit loop shows its progress.
     (That PS rises with the edit is tested in test_evaluation.py: a tiny random model barely edits.)
     """
     monkeypatch.setenv("SMEDIT_CACHE", str(shared_cache))
@@ -189,8 +191,11 @@ def test_portability_is_scored_after_the_edit_and_null_without_questions(shared_
 
     no_questions = tmp_path / "no_questions.json"
     no_questions.write_text(json.dumps(json.loads(Path(zsre_train_path).read_text())[:2]))
+    capsys.readouterr()
     rows = run_compare(dataclasses.replace(cfg, eval_data=no_questions, methods=["MEMIT-C"], protocol="consecutive",
-                                           n_edits=2, batch_size=2), model=model, tok=tok)
+                                           n_edits=2, batch_size=1, progress=True), model=model, tok=tok)
+    progress = capsys.readouterr().err
+    assert "editing MEMIT-C" in progress and "2/2" in progress
     assert [r["portability"] for r in rows] == [None, None]
     assert json.loads(json.dumps(rows))[1]["portability"] is None
     assert "PS %" not in format_table(rows)
