@@ -190,7 +190,7 @@ def setup_hparams(parser: argparse.ArgumentParser) -> Runner:
 # --------------------------------------------------------------------------------------------
 
 def format_metrics_table(metrics: dict, title: str) -> str:
-    """A small fixed-width table of efficacy / generalization / specificity in percent."""
+    """A small fixed-width table of efficacy / generalization / specificity / portability in percent."""
     from .evaluation import METRICS
     from .table import format_table
 

@@ -18,14 +18,22 @@ PathLike = Union[str, os.PathLike]
 DATASETS = ("zsre", "counterfact")
 NQ_PREFIX = "nq question: "
 LOCALITY_KEY = "neighborhood"
+#: EasyEdit's key for one-hop portability questions (its ``edit.py`` passes ZsRE's ``New Question`` under it).
+PORTABILITY_KEY = "one_hop"
+#: The portability object of EasyEdit's one-hop ZsRE/CounterFact files; ``Old Answer`` is optional (our addition).
+PORTABILITY_FIELDS = ("New Question", "New Answer")
+PORTABILITY_OLD_ANSWER = "Old Answer"
 
 
 @dataclasses.dataclass(frozen=True)
 class EditRecord:
-    """One requested edit with its generalisation (rephrase) and locality probes.
+    """One requested edit with its generalisation (rephrase), locality and portability probes.
 
     For CounterFact ``ground_truth`` is the true object (``target_true``); each locality prompt
-    has its own answer in ``locality_answers`` (the true object again for CounterFact).
+    has its own answer in ``locality_answers`` (the true object again for CounterFact). Each
+    portability prompt is a question whose answer follows from the edit (one hop away:
+    ``portability_answers``); ``portability_old_answers``, when given, is its answer before the
+    edit, which probability scoring needs for its ``P(new) > P(old)`` comparison.
     """
 
     prompt: str
@@ -36,6 +44,9 @@ class EditRecord:
     locality_prompts: tuple[str, ...] = ()
     locality_answers: tuple[str, ...] = ()
     case_id: Union[int, str, None] = None
+    portability_prompts: tuple[str, ...] = ()
+    portability_answers: tuple[str, ...] = ()
+    portability_old_answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prompt", "target_new"):
@@ -46,7 +57,8 @@ class EditRecord:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"EditRecord.{name} must be a string or None, got {value!r}")
-        for name in ("rephrase_prompts", "locality_prompts", "locality_answers"):
+        for name in ("rephrase_prompts", "locality_prompts", "locality_answers", "portability_prompts",
+                     "portability_answers", "portability_old_answers"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"EditRecord.{name} must be a sequence of strings, got {value!r}")
@@ -55,6 +67,16 @@ class EditRecord:
             raise ValueError(
                 f"EditRecord has {len(self.locality_prompts)} locality_prompts but "
                 f"{len(self.locality_answers)} locality_answers; give one answer per prompt"
+            )
+        if len(self.portability_prompts) != len(self.portability_answers):
+            raise ValueError(
+                f"EditRecord has {len(self.portability_prompts)} portability_prompts but "
+                f"{len(self.portability_answers)} portability_answers; give one answer per prompt"
+            )
+        if self.portability_old_answers and len(self.portability_old_answers) != len(self.portability_prompts):
+            raise ValueError(
+                f"EditRecord has {len(self.portability_old_answers)} portability_old_answers for "
+                f"{len(self.portability_prompts)} portability_prompts; give one per prompt or none"
             )
 
     @property
@@ -129,6 +151,30 @@ def _check_subject(fields: _Fields, subject: str, prompt: str, prompt_field: str
         raise fields.error("subject", f"({subject!r}) does not occur in the {prompt_field} ({prompt!r})")
 
 
+def _portability(fields: _Fields) -> dict[str, tuple[str, ...]]:
+    """The record's optional one-hop question (``portability: {"New Question", "New Answer"[, "Old Answer"]}``).
+
+    Returned as :class:`EditRecord` keyword arguments; empty when the record has no ``portability``.
+    """
+    raw = fields.record.get("portability")
+    if raw is None:
+        return {}
+    schema = ", ".join(repr(f) for f in PORTABILITY_FIELDS)
+    if not isinstance(raw, dict):
+        raise fields.error("portability", f"must be an object with {schema} (EasyEdit's one-hop schema)")
+
+    def text(name: str) -> str:
+        value = raw.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise fields.error(f"portability.{name}",
+                               f"must be a non-empty string (EasyEdit's one-hop schema: {schema})")
+        return value
+
+    question, answer = (text(name) for name in PORTABILITY_FIELDS)
+    old = (text(PORTABILITY_OLD_ANSWER),) if PORTABILITY_OLD_ANSWER in raw else ()
+    return {"portability_prompts": (question,), "portability_answers": (answer,), "portability_old_answers": old}
+
+
 # --------------------------------------------------------------------------------------------
 # ZsRE
 # --------------------------------------------------------------------------------------------
@@ -173,6 +219,7 @@ def load_zsre(path: PathLike, limit: Optional[int] = None, *, keep_nq_prefix: bo
             locality_prompts=(zsre_locality_prompt(fields.text("loc"), keep_nq_prefix),),
             locality_answers=(fields.text("loc_ans"),),
             case_id=index,
+            **_portability(fields),
         ))
     return records
 
@@ -206,6 +253,7 @@ def _counterfact_rome(fields: _Fields) -> EditRecord:
         locality_prompts=neighbours,
         locality_answers=(targets["target_true"],) * len(neighbours),
         case_id=fields.case_id(),
+        **_portability(fields),
     )
 
 
@@ -228,6 +276,7 @@ def _counterfact_split(fields: _Fields) -> EditRecord:
         locality_prompts=locality_prompts,
         locality_answers=locality_answers,
         case_id=fields.case_id(),
+        **_portability(fields),
     )
 
 
@@ -315,13 +364,20 @@ def _one_or_list(values: tuple[str, ...]) -> Union[str, list[str], None]:
     return values[0] if len(values) == 1 else list(values)
 
 
-def to_edit_kwargs(records: list[EditRecord], locality_key: str = LOCALITY_KEY) -> dict[str, Any]:
+def _probe_inputs(prompts: list[tuple[str, ...]], answers: list[tuple[str, ...]]) -> dict[str, list]:
+    """EasyEdit's per-record ``{"prompt": [...], "ground_truth": [...]}`` (a string, a list, or None per record)."""
+    return {"prompt": [_one_or_list(p) for p in prompts], "ground_truth": [_one_or_list(a) for a in answers]}
+
+
+def to_edit_kwargs(records: list[EditRecord], locality_key: str = LOCALITY_KEY,
+                   portability_key: str = PORTABILITY_KEY) -> dict[str, Any]:
     """Keyword arguments for ``BaseEditor.edit``/``batch_edit`` (always call EasyEdit with keywords).
 
     ``rephrase_prompts`` carries each record's first rephrase; ``locality_inputs`` one entry per
-    record under ``locality_key`` (a string, or a list when a record has several locality prompts;
-    None for a record without, which EasyEdit's current source skips); ``subject`` only when every
-    record has one.
+    record under ``locality_key`` and ``portability_inputs`` under ``portability_key`` (a string,
+    or a list when a record has several prompts; None for a record without, which EasyEdit's
+    current source skips); ``subject`` only when every record has one. EasyEdit has no field for
+    ``portability_old_answers``.
     """
     if not records:
         raise ValueError("records is empty; pass at least one EditRecord")
@@ -336,10 +392,11 @@ def to_edit_kwargs(records: list[EditRecord], locality_key: str = LOCALITY_KEY) 
     if any(r.rephrase_prompts for r in records):
         kwargs["rephrase_prompts"] = [r.rephrase_prompts[0] if r.rephrase_prompts else None for r in records]
     if any(r.locality_prompts for r in records):
-        kwargs["locality_inputs"] = {locality_key: {
-            "prompt": [_one_or_list(r.locality_prompts) for r in records],
-            "ground_truth": [_one_or_list(r.locality_answers) for r in records],
-        }}
+        kwargs["locality_inputs"] = {locality_key: _probe_inputs([r.locality_prompts for r in records],
+                                                                 [r.locality_answers for r in records])}
+    if any(r.portability_prompts for r in records):
+        kwargs["portability_inputs"] = {portability_key: _probe_inputs([r.portability_prompts for r in records],
+                                                                       [r.portability_answers for r in records])}
     if all(r.subject is not None for r in records):
         for index, record in enumerate(records):
             if record.subject not in record.prompt:
@@ -348,12 +405,13 @@ def to_edit_kwargs(records: list[EditRecord], locality_key: str = LOCALITY_KEY) 
     return kwargs
 
 
-def to_requests(records: list[EditRecord], locality_key: str = LOCALITY_KEY) -> list[dict[str, Any]]:
+def to_requests(records: list[EditRecord], locality_key: str = LOCALITY_KEY,
+                portability_key: str = PORTABILITY_KEY) -> list[dict[str, Any]]:
     """The request dicts EasyEdit's ``_prepare_requests`` builds from :func:`to_edit_kwargs`, same keys and order.
 
     Use them to call an apply function directly, the way ``BaseEditor`` would.
     """
-    kwargs = to_edit_kwargs(records, locality_key)
+    kwargs = to_edit_kwargs(records, locality_key, portability_key)
     requests = [
         {"prompt": prompt, "target_new": target, "ground_truth": truth, "portability": {}, "locality": {}}
         for prompt, truth, target in zip(kwargs["prompts"], kwargs["ground_truth"], kwargs["target_new"])
@@ -362,8 +420,9 @@ def to_requests(records: list[EditRecord], locality_key: str = LOCALITY_KEY) -> 
         request["subject"] = subject
     for request, rephrase in zip(requests, kwargs.get("rephrase_prompts", ())):
         request["rephrase_prompt"] = rephrase
-    for key, inputs in kwargs.get("locality_inputs", {}).items():
-        for request, prompt, truth in zip(requests, inputs["prompt"], inputs["ground_truth"]):
-            if prompt is not None:
-                request["locality"][key] = {"prompt": prompt, "ground_truth": truth}
+    for section in ("locality", "portability"):
+        for key, inputs in kwargs.get(f"{section}_inputs", {}).items():
+            for request, prompt, truth in zip(requests, inputs["prompt"], inputs["ground_truth"]):
+                if prompt is not None:
+                    request[section][key] = {"prompt": prompt, "ground_truth": truth}
     return requests

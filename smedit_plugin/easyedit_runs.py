@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
 from .data import EditRecord, to_edit_kwargs
 
 EASYEDIT_PREFIX = "easyedit:"
@@ -146,29 +148,53 @@ def _scalar(value: Any) -> float:
 
 
 def summarise_metrics(metrics: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
-    """Means of EasyEdit's post-edit ``rewrite_acc``, ``rephrase_acc`` and every ``locality.*_acc``."""
-    rewrite, rephrase, locality = [], [], []
+    """Means of EasyEdit's post-edit ``rewrite_acc``, ``rephrase_acc``, ``locality.*_acc`` and ``portability.*_acc``.
+
+    A record's locality (portability) is the mean of its keys first; None when no record has one.
+    """
+    rewrite, rephrase, sections = [], [], {"locality": [], "portability": []}
     for record in metrics:
         post = record.get("post", {})
         if "rewrite_acc" in post:
             rewrite.append(_scalar(post["rewrite_acc"]))
         if "rephrase_acc" in post:
             rephrase.append(_scalar(post["rephrase_acc"]))
-        accs = [_scalar(v) for k, v in post.get("locality", {}).items() if k.endswith("_acc")]
-        if accs:
-            locality.append(float(np.mean(accs)))
-    return {"efficacy": _mean(rewrite), "generalization": _mean(rephrase), "specificity": _mean(locality)}
+        for section, means in sections.items():
+            accs = [_scalar(v) for k, v in (post.get(section) or {}).items() if k.endswith("_acc")]
+            if accs:
+                means.append(float(np.mean(accs)))
+    return {"efficacy": _mean(rewrite), "generalization": _mean(rephrase), "specificity": _mean(sections["locality"]),
+            "portability": _mean(sections["portability"])}
+
+
+def editor_kwargs(records: Sequence[EditRecord], *, batch: bool, era: Optional[str]) -> dict[str, Any]:
+    """:func:`~smedit_plugin.data.to_edit_kwargs` under the names the installed editor's ``edit``/``batch_edit`` take.
+
+    The 2023 wheel's ``batch_edit`` has no ``locality_inputs``/``portability_inputs`` parameters: it
+    passes its ``locality_prompts`` and ``locality_ground_truth`` on to ``_prepare_requests`` in
+    exactly those two positions, so the dicts go in under these names (the real names would reach
+    ``_prepare_requests`` twice and raise). Its ``edit`` and every current-source method take the
+    real names.
+    """
+    kwargs = to_edit_kwargs(list(records))
+    if batch and era == "A":
+        for ours, wheel in (("locality_inputs", "locality_prompts"), ("portability_inputs", "locality_ground_truth")):
+            if ours in kwargs:
+                kwargs[wheel] = kwargs.pop(ours)
+    return kwargs
 
 
 def run_through_editor(hparams: Any, model: torch.nn.Module, tok: Any, records: Sequence[EditRecord],
-                       chunk_size: int) -> EasyEditRun:
+                       chunk_size: int, bar: Optional[tqdm] = None) -> EasyEditRun:
     """Edit ``records`` with ``BaseEditor`` in chunks of ``chunk_size`` that accumulate in ``model``.
 
     Batchable methods go through ``batch_edit``; the others through ``edit``, one record at a time
-    (EasyEdit does not batch them). ``edit_seconds`` times only the method's apply function, not
-    EasyEdit's own before/after evaluation.
+    (EasyEdit does not batch them). Records carry their locality and portability questions as
+    ``locality_inputs``/``portability_inputs``, so EasyEdit's own metric dicts include both.
+    ``edit_seconds`` times only the method's apply function, not EasyEdit's own before/after
+    evaluation; ``bar`` advances by each chunk's edits.
     """
-    from .easyedit import load_editor
+    from .easyedit import detect_era, load_editor
     from .registry import register
 
     module = import_runnable_easyedit()
@@ -187,11 +213,15 @@ def run_through_editor(hparams: Any, model: torch.nn.Module, tok: Any, records: 
             seconds[0] += time.perf_counter() - start
 
     editor.apply_algo = timed_apply
-    kwargs = to_edit_kwargs(list(records))
-    if batchable:
-        metrics, _, _ = editor.batch_edit(**kwargs, sequential_edit=True, verbose=False)
-        mode = f"batch_edit, chunks of {chunk_size}"
-    else:
-        metrics, _, _ = editor.edit(**kwargs, sequential_edit=True, verbose=False)
-        mode = "edit, one record at a time (EasyEdit does not batch this method)"
+    call = editor.batch_edit if batchable else editor.edit
+    metrics: list[dict[str, Any]] = []
+    for start in range(0, len(records), chunk_size):
+        chunk = list(records[start:start + chunk_size])
+        chunk_metrics, _, _ = call(**editor_kwargs(chunk, batch=batchable, era=detect_era()), sequential_edit=True,
+                                   verbose=False)
+        metrics.extend(chunk_metrics)
+        if bar is not None:
+            bar.update(len(chunk))
+    mode = (f"batch_edit, chunks of {chunk_size}" if batchable
+            else "edit, one record at a time (EasyEdit does not batch this method)")
     return EasyEditRun(metrics=metrics, summary=summarise_metrics(metrics), edit_seconds=seconds[0], mode=mode)

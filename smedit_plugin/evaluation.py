@@ -1,4 +1,4 @@
-"""Teacher-forced editing metrics: efficacy, generalization and specificity (meta-editing spec §2.3, §5).
+"""Teacher-forced editing metrics: efficacy, generalization, specificity and portability (meta-editing spec §2.3, §5).
 
 ZsRE style: per example, the fraction of answer tokens whose arg-max prediction is the answer
 token (teacher forcing), averaged over examples. Specificity (locality) has two modes:
@@ -10,6 +10,11 @@ the reference with :func:`predict_locality_reference` before editing).
 CounterFact style (ROME, SMEdit appendix): a prompt is a success when the mean per-token
 log-probability of one target beats the other's: new over true for edit prompts (efficacy) and
 paraphrases (generalization), true over new for neighbourhood prompts (specificity).
+
+Portability (EasyEdit's one-hop metric, PS) is scored like efficacy on the record's portability
+questions: the token accuracy of the portability answer, or under probability scoring
+``P(new answer) > P(old answer)`` for the questions that carry an old answer. A record without
+portability questions (or, under probability scoring, without old answers) has None, never 0.
 
 Every prompt set of a record (its rephrases, its locality prompts) is averaged within the record
 first, then over records, so a record with ten neighbours weighs as much as one with one.
@@ -32,7 +37,7 @@ LOCALITY_MODES = ("gold", "agreement")
 #: ``accuracy``: teacher-forced token accuracy (ZsRE; EasyEdit and COMEBA-HK on every dataset);
 #: ``probability``: new-vs-old log-probability comparisons (CounterFact in ROME / the SMEdit appendix).
 SCORING = ("auto", "accuracy", "probability")
-METRICS = ("efficacy", "generalization", "specificity")
+METRICS = ("efficacy", "generalization", "specificity", "portability")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +178,9 @@ def evaluate_records(
     """Efficacy, generalization and specificity of ``model`` on ``records`` (fractions in [0, 1]).
 
     Returns ``{"dataset", "locality", "n_records", "efficacy", "generalization", "specificity",
-    "per_example": {metric: [float or None per record]}}``; a metric is None when no record has
-    the prompts it needs (None entries mark records without rephrases or locality prompts).
+    "portability", "per_example": {metric: [float or None per record]}}``; a metric is None when no
+    record has the prompts it needs (None entries mark records without rephrases, locality or
+    portability prompts).
     ``locality="agreement"`` needs ``reference`` from :func:`predict_locality_reference`.
     ``scoring="auto"`` picks probability comparisons for CounterFact and token accuracy for ZsRE;
     ``"accuracy"`` scores CounterFact the way EasyEdit and the COMEBA-HK paper do.
@@ -198,7 +204,12 @@ def evaluate_records(
             local = [_pair(queries, p, a, record.target_new) for p, a in zip(record.locality_prompts, record.locality_answers)]
         else:
             local = [(queries.add(p, a),) for p, a in zip(record.locality_prompts, record.locality_answers)]
-        plan.append((edit, rephrase, local))
+        if not probability:
+            portable = [(queries.add(p, a),) for p, a in zip(record.portability_prompts, record.portability_answers)]
+        else:
+            portable = [_pair(queries, p, a, old) for p, a, old in
+                        zip(record.portability_prompts, record.portability_answers, record.portability_old_answers)]
+        plan.append((edit, rephrase, local, portable))
     with tqdm(total=len(queries.prompts), desc=f"evaluating {dataset}", unit="prompt", disable=not progress) as bar:
         scored = score_answers(model, tokenizer, queries.prompts, queries.answers, batch_size=batch_size, bar=bar)
 
@@ -208,7 +219,7 @@ def evaluate_records(
         return scored[query[0]].accuracy
 
     per_example: dict[str, list[Optional[float]]] = {metric: [] for metric in METRICS}
-    for index, (edit, rephrase, local) in enumerate(plan):
+    for index, (edit, rephrase, local, portable) in enumerate(plan):
         per_example["efficacy"].append(success(edit[0]))
         per_example["generalization"].append(_mean([success(q) for q in rephrase]))
         if locality == "agreement":
@@ -216,6 +227,7 @@ def evaluate_records(
         else:
             values = [success(q) for q in local]
         per_example["specificity"].append(_mean(values))
+        per_example["portability"].append(_mean([success(q) for q in portable]))
     summary = _summary(dataset, locality, per_example)
     summary["scoring"] = "probability" if probability else "accuracy"
     return summary

@@ -93,7 +93,7 @@ def test_base_eval_on_smollm2_prints_a_table_and_writes_json(smollm2, tmp_path: 
     assert main(["base-eval", "--model", "smollm2-135m", "--limit", "8", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "8 zsre records" in printed and str(out) in printed
-    for metric in ("efficacy", "generalization", "specificity"):
+    for metric in ("efficacy", "generalization", "specificity", "portability"):
         assert metric in printed
     result = json.loads(out.read_text())
     assert [p.name for p in out.parent.iterdir()] == ["base.json"]
@@ -102,7 +102,7 @@ def test_base_eval_on_smollm2_prints_a_table_and_writes_json(smollm2, tmp_path: 
     model, tok = smollm2
     direct = evaluate_records(model, tok, load_records(sample_path("zsre_sample_eval"), limit=8), dataset="zsre",
                               progress=False)
-    for metric in ("efficacy", "generalization", "specificity"):
+    for metric in ("efficacy", "generalization", "specificity", "portability"):
         assert result[metric] == pytest.approx(direct[metric])
         assert len(result["per_example"][metric]) == 8
 

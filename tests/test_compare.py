@@ -29,15 +29,17 @@ def test_sequential_compare_rows_curves_and_reuse(tmp_path, tiny, train_file, zs
     assert [r["method"] for r in rows] == ["unedited", "SMEdit", "RLEdit1"]
     for row in rows:
         assert set(ROW_FIELDS) <= set(row)
-        assert all(0.0 <= row[k] <= 1.0 for k in ("efficacy", "generalization", "specificity"))
+        assert all(0.0 <= row[k] <= 1.0 for k in ("efficacy", "generalization", "specificity", "portability"))
         assert (row["protocol"], row["n_edits"], row["num_seq"]) == ("sequential", 4, 2)
     for row in rows[1:]:
         assert row["train_s_per_edit"] > 0
         assert [p["num_seq"] for p in row["curve"]] == [1, 2]
         assert row["curve"][-1]["efficacy"] == row["efficacy"]
+        assert row["curve"][-1]["portability"] == row["portability"]
     png = plot_curves(rows, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "SMEdit" in format_table(rows)
+    table = format_table(rows)
+    assert "SMEdit" in table and "PS %" in table
 
     def no_training(*args, **kwargs):
         raise AssertionError("a complete archive must be reused, not retrained")
@@ -163,3 +165,37 @@ def test_locate_methods_under_the_batch_protocol(shared_cache, tiny, zsre_eval_p
     assert rows[0]["specificity"] < 1.0, "batch protocol: locality is the gold answer's accuracy, not agreement"
     after = dict(model.named_parameters())
     assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_portability_is_scored_after_the_edit_and_null_without_questions(shared_cache, tiny, zsre_eval_path,
+                                                                         zsre_train_path, tmp_path, monkeypatch,
+                                                                         capsys) -> None:
+    """Records whose one-hop question asks the edit itself (answer = edit target): each row's PS is its ES.
+
+    Records without portability questions give ``portability: null`` in every row and no PS column; the
+    consecutive protocol's edit loop shows its progress.
+    (That PS rises with the edit is tested in test_evaluation.py: a tiny random model barely edits.)
+    """
+    monkeypatch.setenv("SMEDIT_CACHE", str(shared_cache))
+    raw = json.loads(Path(zsre_eval_path).read_text())[:3]
+    for record in raw:
+        record["portability"] = {"New Question": record["src"], "New Answer": record["alt"]}
+    asks_the_edit = tmp_path / "asks_the_edit.json"
+    asks_the_edit.write_text(json.dumps(raw))
+    model, tok = tiny("smollm2")
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=asks_the_edit,
+                        methods=["COMEBA-HK"], protocol="batch", n_edits=3, progress=False)
+    unedited, edited = run_compare(cfg, model=model, tok=tok)
+    assert unedited["portability"] == unedited["efficacy"] and edited["portability"] == edited["efficacy"]
+    assert "PS %" in format_table([unedited, edited])
+
+    no_questions = tmp_path / "no_questions.json"
+    no_questions.write_text(json.dumps(json.loads(Path(zsre_train_path).read_text())[:2]))
+    capsys.readouterr()
+    rows = run_compare(dataclasses.replace(cfg, eval_data=no_questions, methods=["MEMIT-C"], protocol="consecutive",
+                                           n_edits=2, batch_size=1, progress=True), model=model, tok=tok)
+    progress = capsys.readouterr().err
+    assert "editing MEMIT-C" in progress and "2/2" in progress
+    assert [r["portability"] for r in rows] == [None, None]
+    assert json.loads(json.dumps(rows))[1]["portability"] is None
+    assert "PS %" not in format_table(rows)

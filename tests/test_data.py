@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -40,6 +41,9 @@ def test_zsre_fields_map_like_the_mend_release(zsre_eval_path: Path) -> None:
         assert rec.locality_prompts == (src["loc"][len("nq question: "):] + "?",)
         assert rec.locality_answers == (src["loc_ans"],)
         assert rec.case_id == index
+        assert rec.portability_prompts == (src["portability"]["New Question"],)
+        assert rec.portability_answers == (src["portability"]["New Answer"],)
+        assert rec.portability_old_answers == ()
     kept = load_zsre(zsre_eval_path, limit=1, keep_nq_prefix=True)[0]
     assert kept.locality_prompts == (raw[0]["loc"] + "?",)
 
@@ -174,6 +178,33 @@ def test_edit_record_validates_its_fields() -> None:
         EditRecord(prompt="p", target_new="t", rephrase_prompts="one string")
     rec = EditRecord(prompt="p", target_new="t", rephrase_prompts=["r"])
     assert rec.rephrase_prompts == ("r",)
+    with pytest.raises(ValueError, match="2 portability_prompts but 1 portability_answers"):
+        EditRecord(prompt="p", target_new="t", portability_prompts=("a", "b"), portability_answers=("x",))
+    with pytest.raises(ValueError, match="1 portability_old_answers for 2 portability_prompts"):
+        EditRecord(prompt="p", target_new="t", portability_prompts=("a", "b"), portability_answers=("x", "y"),
+                   portability_old_answers=("z",))
+
+
+def test_portability_is_kept_in_every_schema_and_absent_is_empty(zsre_train_path, counterfact_eval_path,
+                                                                  counterfact_train_path, tmp_path) -> None:
+    """EasyEdit's one-hop object (plus our optional old answer) on ZsRE and both CounterFact schemas."""
+    assert all(r.portability_prompts == r.portability_answers == () for r in load_zsre(zsre_train_path, limit=3))
+    one_hop = {"Recalled Relation": "(Rome, capital of, Italy)", "New Question": "Which country is that city the "
+               "capital of?", "New Answer": "Italy", "Old Answer": "France"}
+    for source in (counterfact_eval_path, counterfact_train_path):
+        raw = json.loads(source.read_text())[:2]
+        raw[1]["portability"] = one_hop
+        records = load_counterfact(_write(tmp_path, raw))
+        assert records[0].portability_prompts == ()
+        assert records[1].portability_prompts == (one_hop["New Question"],)
+        assert records[1].portability_answers == ("Italy",) and records[1].portability_old_answers == ("France",)
+    raw = json.loads(zsre_train_path.read_text())[:2]
+    raw[0]["portability"] = {"New Question": "Which country?", "New Answer": ""}
+    with pytest.raises(ValueError, match=r"record 0: field 'portability\.New Answer' must be a non-empty string"):
+        load_zsre(_write(tmp_path, raw))
+    raw[0]["portability"] = ["Which country?", "Italy"]
+    with pytest.raises(ValueError, match=r"record 0: field 'portability' must be an object with 'New Question'"):
+        load_zsre(_write(tmp_path, raw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +218,8 @@ def test_requests_have_easyedits_keys_order_and_locality_shape(zsre_eval_path, c
     first = requests[0]
     assert (first["prompt"], first["target_new"], first["ground_truth"]) == (zsre[0].prompt, zsre[0].target_new,
                                                                            zsre[0].ground_truth)
-    assert first["portability"] == {}
+    assert first["portability"] == {"one_hop": {"prompt": zsre[0].portability_prompts[0],
+                                                "ground_truth": zsre[0].portability_answers[0]}}
     assert first["locality"] == {"neighborhood": {"prompt": zsre[0].locality_prompts[0],
                                                   "ground_truth": zsre[0].locality_answers[0]}}
     assert first["rephrase_prompt"] == zsre[0].rephrase_prompts[0] and first["subject"] == zsre[0].subject
@@ -210,7 +242,14 @@ def test_requests_leave_out_what_records_do_not_have() -> None:
     assert requests[0]["ground_truth"] is None and requests[1]["locality"] == {}
     kwargs = to_edit_kwargs(records)
     assert kwargs["locality_inputs"]["neighborhood"]["prompt"] == ["q?", None]
-    assert "subject" not in kwargs and "rephrase_prompts" not in kwargs
+    assert "subject" not in kwargs and "rephrase_prompts" not in kwargs and "portability_inputs" not in kwargs
+    question = "Which country was the painter of Guernica from?"
+    records[1] = dataclasses.replace(records[1], portability_prompts=(question,), portability_answers=("Spain",))
+    kwargs = to_edit_kwargs(records, portability_key="hop")
+    assert kwargs["portability_inputs"] == {"hop": {"prompt": [None, question], "ground_truth": [None, "Spain"]}}
+    requests = to_requests(records, portability_key="hop")
+    assert requests[0]["portability"] == {}
+    assert requests[1]["portability"] == {"hop": {"prompt": question, "ground_truth": "Spain"}}
     with pytest.raises(ValueError, match=r"records\[0\].subject"):
         to_edit_kwargs([EditRecord(prompt="Who wrote Hamlet?", target_new="M", subject="Shakespeare")])
 

@@ -7,18 +7,23 @@ through ``BaseEditor`` gives exactly the numbers of our direct run.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from smedit_plugin import easyedit
-from smedit_plugin.compare import CompareConfig, builtin_hparams_dir, format_table, run_compare
-from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file,
-                                         import_runnable_easyedit, split_method)
+from smedit_plugin.compare import METRIC_NAMES, CompareConfig, builtin_hparams_dir, format_table, run_compare
+from smedit_plugin.data import load_records, to_requests
+from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file, editor_kwargs,
+                                         import_runnable_easyedit, load_builtin_hparams, run_through_editor,
+                                         split_method, summarise_metrics)
+from smedit_plugin.evaluation import evaluate_records, score_answers
 
 
 def _era() -> str | None:
@@ -99,8 +104,8 @@ def test_builtins_run_on_the_same_records_and_roll_back(head, tiny, zsre_eval_pa
     for name in ("easyedit:FT", "easyedit:MEMIT"):
         row = by_name[name]
         assert "error" not in row, row.get("error")
-        assert all(0.0 <= row[k] <= 1.0 for k in ("efficacy", "generalization", "specificity"))
-        assert set(row["easyedit"]) == {"efficacy", "generalization", "specificity"}
+        assert all(0.0 <= row[k] <= 1.0 for k in METRIC_NAMES)
+        assert set(row["easyedit"]) == set(METRIC_NAMES) and 0.0 <= row["easyedit"]["portability"] <= 1.0
         assert row["easyedit_mode"] == "batch_edit, chunks of 4" and row["edit_s_per_edit"] > 0
     assert "ROME/smollm2-135m.yaml" in by_name["easyedit:ROME"]["error"]
     assert _unchanged(model, before)
@@ -144,6 +149,78 @@ def test_comeba_hk_through_baseeditor_matches_the_direct_run(head, tiny, zsre_ev
                         methods=["COMEBA-HK"], protocol="consecutive", n_edits=4, batch_size=2, progress=False,
                         via_easyedit=True)
     row = run_compare(cfg, model=model, tok=tok)[1]
-    assert row["via_easyedit"] == {k: row[k] for k in ("efficacy", "generalization", "specificity")}
-    assert row["easyedit"]["specificity"] is not None
+    assert row["via_easyedit"] == {k: row[k] for k in METRIC_NAMES}
+    assert row["easyedit"]["specificity"] is not None and row["easyedit"]["portability"] is not None
+    assert "EasyEdit ES/GS/LS/PS %" in format_table([row])
     assert _unchanged(model, before)
+
+
+def test_summary_reads_easyedits_portability_dict() -> None:
+    """Both eras return ``post.portability.<key>_acc`` as a list per record; no portability stays None, not 0."""
+    metrics = [{"post": {"rewrite_acc": [1.0], "locality": {"neighborhood_acc": [1.0]},
+                         "portability": {"one_hop_acc": [0.5, 1.0], "alias_acc": [0.0]}}},
+               {"post": {"rewrite_acc": [0.0], "locality": {}, "portability": {"one_hop_acc": [1.0]}}}]
+    summary = summarise_metrics(metrics)
+    assert summary["portability"] == pytest.approx((0.375 + 1.0) / 2)
+    assert summary["efficacy"] == 0.5 and summary["specificity"] == 1.0
+    for record in metrics:
+        record["post"]["portability"] = {}
+    assert summarise_metrics(metrics)["portability"] is None
+
+
+def test_wheel_batch_edit_receives_portability_inputs_and_its_dict_is_read_back(tiny, zsre_eval_path,
+                                                                                monkeypatch) -> None:
+    """Era A: the 2023 wheel's own ``BaseEditor.batch_edit`` and ``_prepare_requests`` with our keyword arguments.
+
+    The wheel hard-codes CUDA in its constructor and its metric code, so the editor is built without
+    its constructor and its ``compute_edit_quality`` scores on CPU, returning the wheel's dict shape.
+    """
+    if _era() != "A":
+        pytest.skip("needs the 2023 EasyEdit wheel (CI leg 2)")
+    editor_module = importlib.import_module("easyeditor.editors.editor")
+    model, tok = tiny("smollm2", n_layers=2)
+    records = load_records(Path(zsre_eval_path), "zsre")[:3]
+    seen = []
+
+    def compute_edit_quality(model, model_name, hparams, tok, request, device, test_generation=False):
+        seen.append(copy.deepcopy(request))
+        portability = {f"{key}_acc": [s.accuracy for s in score_answers(model, tok, [probe["prompt"]],
+                                                                         [probe["ground_truth"]])]
+                       for key, probe in request["portability"].items()}
+        return {"rewrite_acc": [0.0], "locality": {}, "portability": portability}
+
+    monkeypatch.setattr(editor_module, "compute_edit_quality", compute_edit_quality)
+    editor = object.__new__(editor_module.BaseEditor)
+    editor.alg_name, editor.model, editor.tok, editor.model_name = "MEMIT", model, tok, "llama:tiny-smollm2"
+    editor.hparams = SimpleNamespace(batch_size=3, device=0)
+    editor.apply_algo = lambda model, tok, requests, hparams, **kwargs: (model, {})
+    metrics, _, _ = editor.batch_edit(**editor_kwargs(records, batch=True, era="A"), verbose=False)
+    expected = to_requests(records)
+    assert [r["portability"] for r in seen[:3]] == [r["portability"] for r in expected]
+    assert [r["locality"] for r in seen[:3]] == [r["locality"] for r in expected]
+    ours = evaluate_records(model, tok, records, dataset="zsre", progress=False)["portability"]
+    assert summarise_metrics(metrics)["portability"] == pytest.approx(ours)
+    requests = editor_module.BaseEditor._prepare_requests(None, **editor_kwargs(records, batch=False, era="A"))
+    assert requests == expected
+
+
+def test_portability_inputs_reach_the_current_baseeditor(head, tiny, zsre_eval_path, tmp_path, monkeypatch) -> None:
+    """Era C: EasyEdit's own FT through ``batch_edit`` in chunks; its requests carry our questions, its dict is read."""
+    monkeypatch.chdir(tmp_path)
+    model, tok = tiny("smollm2")
+    before = _params(model)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    hp = load_builtin_hparams("FT", "smollm2-135m", builtin_hparams_dir())
+    bar = SimpleNamespace(n=0, update=lambda k: setattr(bar, "n", bar.n + k))
+    try:
+        run = run_through_editor(hp, model, tok, records, chunk_size=2, bar=bar)
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(before[name])
+    assert bar.n == 4 and len(run.metrics) == 4
+    expected = [r["portability"] for r in to_requests(records)]
+    assert [m["requested_rewrite"]["portability"] for m in run.metrics] == expected
+    per_record = [float(torch.tensor(m["post"]["portability"]["one_hop_acc"], dtype=torch.float).mean())
+                  for m in run.metrics]
+    assert run.summary["portability"] == pytest.approx(sum(per_record) / 4)

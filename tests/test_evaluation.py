@@ -14,7 +14,8 @@ from torch import nn
 
 from smedit_plugin.data import EditRecord, load_counterfact, load_zsre
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers, token_accuracy
-from smedit_plugin.text import tokenize_pair
+from smedit_plugin.hypernet.losses import answer_cross_entropy
+from smedit_plugin.text import build_batch, tokenize_pair
 
 
 class Oracle(nn.Module):
@@ -127,6 +128,60 @@ def test_counterfact_oracle_for_the_winning_targets_scores_one(tok, counterfact)
     result = evaluate_records(OracleWithLogitsToKeep(tok, truthful), tok, counterfact, dataset="counterfact",
                               progress=False)
     assert (result["efficacy"], result["generalization"]) == (0.0, 0.0)
+
+
+def test_portability_is_scored_on_its_own_questions_and_absent_is_none(tok, zsre) -> None:
+    """The real one-hop questions: a model that knows only their answers has PS 1 and ES 0; no questions, None."""
+    assert all(r.portability_prompts for r in zsre)
+    hops = OracleWithLogitsToKeep(tok, [(p, a) for r in zsre for p, a in zip(r.portability_prompts,
+                                                                             r.portability_answers)])
+    result = evaluate_records(hops, tok, zsre, dataset="zsre", progress=False)
+    assert (result["efficacy"], result["portability"]) == (0.0, 1.0)
+    edits = OracleWithLogitsToKeep(tok, [(r.prompt, r.target_new) for r in zsre])
+    assert evaluate_records(edits, tok, zsre, dataset="zsre", progress=False)["portability"] == 0.0
+    mixed = zsre[:2] + [dataclasses.replace(r, portability_prompts=(), portability_answers=()) for r in zsre[2:]]
+    result = evaluate_records(hops, tok, mixed, dataset="zsre", progress=False)
+    assert result["per_example"]["portability"] == [1.0, 1.0] + [None] * 4 and result["portability"] == 1.0
+    none = evaluate_records(hops, tok, mixed[2:], dataset="zsre", progress=False)
+    assert none["portability"] is None and none["per_example"]["portability"] == [None] * 4
+
+
+def test_portability_answered_by_the_edit_target_rises_with_the_edit_and_equals_efficacy(tiny, zsre) -> None:
+    """A one-hop question that asks the edit itself, answered by its target: PS is ES before and after the edit.
+
+    The edit here is plain fine-tuning of a tiny model on the edit pairs until it has learnt them.
+    """
+    model, tok = tiny("smollm2", n_layers=2)
+    records = [dataclasses.replace(r, portability_prompts=(r.prompt,), portability_answers=(r.target_new,))
+               for r in zsre[:3]]
+    before = evaluate_records(model, tok, records, dataset="zsre", progress=False)
+    batch = build_batch(tok, [r.prompt for r in records], [r.target_new for r in records])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        answer_cross_entropy(model, batch).backward()
+        optimizer.step()
+    after = evaluate_records(model, tok, records, dataset="zsre", progress=False)
+    assert before["per_example"]["portability"] == before["per_example"]["efficacy"]
+    assert after["per_example"]["portability"] == after["per_example"]["efficacy"]
+    assert after["portability"] > before["portability"] and after["portability"] == 1.0
+
+
+def test_probability_portability_compares_new_with_old_where_the_pair_exists(tok, counterfact) -> None:
+    question = "Which language do people speak in the country where the Eiffel Tower stands?"
+    paired = [dataclasses.replace(r, portability_prompts=(question,), portability_answers=("English",),
+                                  portability_old_answers=("French",)) for r in counterfact[:2]]
+    unpaired = dataclasses.replace(counterfact[2], portability_prompts=(question,), portability_answers=("English",))
+    records = paired + [unpaired]
+    new = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "English")]), tok, records, dataset="counterfact",
+                           progress=False)
+    assert new["per_example"]["portability"] == [1.0, 1.0, None] and new["portability"] == 1.0
+    old = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "French")]), tok, records, dataset="counterfact",
+                           progress=False)
+    assert old["portability"] == 0.0
+    accuracy = evaluate_records(OracleWithLogitsToKeep(tok, [(question, "English")]), tok, records,
+                                dataset="counterfact", scoring="accuracy", progress=False)
+    assert accuracy["per_example"]["portability"] == [1.0, 1.0, 1.0]
 
 
 def test_batching_and_padding_never_change_a_score(tiny, zsre) -> None:

@@ -16,8 +16,11 @@ from ..methods import COMPARE_DEFAULT, METHODS
 
 PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",
-              "specificity", "train_s_per_edit", "edit_s_per_edit", "peak_rss_mb")
-METRIC_NAMES = ("efficacy", "generalization", "specificity")
+              "specificity", "portability", "train_s_per_edit", "edit_s_per_edit", "peak_rss_mb")
+#: ES, GS, LS and PS; ``portability`` is None in every row when the records have no portability questions.
+METRIC_NAMES = ("efficacy", "generalization", "specificity", "portability")
+#: What the COMEBA-HK paper's ``average`` averages: reliability, generality, locality.
+AVERAGED_METRICS = ("efficacy", "generalization", "specificity")
 LOCATE_PROTOCOLS = ("consecutive", "single-round")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypedDict
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import EditRecord, load_records
 from ..easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_through_editor, seed_covariance_from_text,
@@ -25,8 +26,8 @@ from ..editing import WeightsSnapshot
 from ..evaluation import evaluate_records, predict_locality_reference
 from ..fileio import cache_dir
 from ..methods import METHODS
-from .config import (METRIC_NAMES, CompareConfig, MethodEntry, builtin_hparams_dir, check_config, method_hparams,
-                     method_hparams_for)
+from .config import (AVERAGED_METRICS, METRIC_NAMES, CompareConfig, MethodEntry, builtin_hparams_dir, check_config,
+                     method_hparams, method_hparams_for)
 
 Probe = Callable[[int], None]
 
@@ -37,6 +38,7 @@ class MethodRow(TypedDict, total=False):
     efficacy: Optional[float]
     generalization: Optional[float]
     specificity: Optional[float]
+    portability: Optional[float]
     average: float
     train_s_per_edit: Optional[float]
     edit_s_per_edit: Optional[float]
@@ -67,6 +69,10 @@ class RunContext:
             return evaluate_records(self.model, self.tok, list(records), dataset=self.cfg.dataset,
                                     locality="agreement", reference=reference, scoring="accuracy", progress=progress)
         return evaluate_records(self.model, self.tok, list(records), dataset=self.cfg.dataset, progress=progress)
+
+    def edit_bar(self, label: str) -> tqdm:
+        """The progress bar of a method's edit loop, counted in edits (closed by the caller's ``with``)."""
+        return tqdm(total=len(self.evaluation), desc=f"editing {label}", unit="edit", disable=not self.cfg.progress)
 
     def general(self) -> dict[str, Any]:
         """GLUE-style accuracy and perplexity of the model as it is now."""
@@ -106,6 +112,11 @@ def _weighted(pairs: Sequence[tuple[int, Optional[float]]]) -> Optional[float]:
     return sum(n * v for n, v in pairs) / sum(n for n, _ in pairs) if pairs else None
 
 
+def _average(metrics: dict[str, Any]) -> float:
+    """The COMEBA-HK paper's average of reliability, generality and locality."""
+    return sum(metrics[k] for k in AVERAGED_METRICS) / len(AVERAGED_METRICS)
+
+
 def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
     """A hypernetwork method: train or reuse its archive, edit the batches (they accumulate), score, roll back."""
     from ..hypernet.archive import load_archive
@@ -119,9 +130,10 @@ def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) ->
                              dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
                              label=cfg.protocol, retrain=cfg.retrain, progress=cfg.progress)
     editor, _ = load_archive(trained.path, ctx.model, train_hp)
-    metrics = edit_and_evaluate(ctx.model, ctx.tok, editor, list(ctx.evaluation), n_edits=cfg.n_edits,
-                                dataset=cfg.dataset, curve_every=cfg.curve_every, progress=cfg.progress,
-                                after_batch=probe)
+    with ctx.edit_bar(entry.text) as bar:
+        metrics = edit_and_evaluate(ctx.model, ctx.tok, editor, list(ctx.evaluation), n_edits=cfg.n_edits,
+                                    dataset=cfg.dataset, curve_every=cfg.curve_every, progress=cfg.progress,
+                                    after_batch=probe, bar=bar)
     row = MethodRow(train_s_per_edit=trained.train_s_per_edit,
                     edit_s_per_edit=metrics["edit_seconds"] / len(ctx.evaluation), archive=str(trained.path),
                     **{k: metrics[k] for k in METRIC_NAMES})
@@ -146,27 +158,29 @@ def locate_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> M
     starts = range(0, len(evaluation), cfg.chunk_size)
     edit_seconds, scores = 0.0, []
     try:
-        for batch_no, i in enumerate(starts, start=1):
-            batch = list(evaluation[i:i + cfg.chunk_size])
-            start = time.perf_counter()
-            run.edit(batch)
-            edit_seconds += time.perf_counter() - start
-            if probe is not None:
-                probe(batch_no)
-            if cfg.protocol == "single-round":
-                ref = None if reference is None else reference[i:i + cfg.chunk_size]
-                scores.append((len(batch), ctx.score(batch, ref)))
-                run.roll_back()
+        with ctx.edit_bar(entry.text) as bar:
+            for batch_no, i in enumerate(starts, start=1):
+                batch = list(evaluation[i:i + cfg.chunk_size])
+                start = time.perf_counter()
+                run.edit(batch)
+                edit_seconds += time.perf_counter() - start
+                bar.update(len(batch))
+                if probe is not None:
+                    probe(batch_no)
+                if cfg.protocol == "single-round":
+                    ref = None if reference is None else reference[i:i + cfg.chunk_size]
+                    scores.append((len(batch), ctx.score(batch, ref)))
+                    run.roll_back()
         if cfg.protocol != "single-round":
             scores.append((len(evaluation), ctx.score(evaluation, reference, cfg.progress)))
     finally:
         run.roll_back()
     metrics = {k: _weighted([(n, m[k]) for n, m in scores]) for k in METRIC_NAMES}
     return MethodRow(train_s_per_edit=None, edit_s_per_edit=edit_seconds / len(evaluation), **metrics,
-                     average=sum(metrics.values()) / 3, batch_size=cfg.chunk_size)
+                     average=_average(metrics), batch_size=cfg.chunk_size)
 
 
-def _through_easyedit(ctx: RunContext, hparams: Any, probe: Optional[Probe] = None) -> dict[str, Any]:
+def _through_easyedit(ctx: RunContext, label: str, hparams: Any, probe: Optional[Probe] = None) -> dict[str, Any]:
     """Edit the evaluation records under the protocol with EasyEdit's ``BaseEditor``, score them our way, roll back.
 
     Returns our metrics plus ``easyedit`` (EasyEdit's own per-record metric dicts, averaged). The
@@ -182,23 +196,26 @@ def _through_easyedit(ctx: RunContext, hparams: Any, probe: Optional[Probe] = No
     chunks = [list(evaluation[i:i + cfg.chunk_size]) for i in range(0, len(evaluation), cfg.chunk_size)]
     scores, easyedit_metrics, seconds, mode = [], [], 0.0, ""
     try:
-        if cfg.protocol == "single-round":
-            for chunk in chunks:
-                ref = None if reference is None else reference[len(easyedit_metrics):len(easyedit_metrics) + len(chunk)]
-                run = run_through_editor(hparams, model, tok, chunk, cfg.chunk_size)
-                seconds, mode = seconds + run.edit_seconds, run.mode
-                easyedit_metrics.extend(run.metrics)
-                scores.append((len(chunk), ctx.score(chunk, ref)))
-                roll_back(model, snapshot)
-        else:
-            step = cfg.general_every if probe is not None else len(chunks)
-            for first in range(0, len(chunks), step):
-                group = [record for chunk in chunks[first:first + step] for record in chunk]
-                run = run_through_editor(hparams, model, tok, group, cfg.chunk_size)
-                seconds, mode = seconds + run.edit_seconds, run.mode
-                easyedit_metrics.extend(run.metrics)
-                if probe is not None:
-                    probe(min(first + step, len(chunks)))
+        with ctx.edit_bar(label) as bar:
+            if cfg.protocol == "single-round":
+                for chunk in chunks:
+                    done = len(easyedit_metrics)
+                    ref = None if reference is None else reference[done:done + len(chunk)]
+                    run = run_through_editor(hparams, model, tok, chunk, cfg.chunk_size, bar=bar)
+                    seconds, mode = seconds + run.edit_seconds, run.mode
+                    easyedit_metrics.extend(run.metrics)
+                    scores.append((len(chunk), ctx.score(chunk, ref)))
+                    roll_back(model, snapshot)
+            else:
+                step = cfg.general_every if probe is not None else len(chunks)
+                for first in range(0, len(chunks), step):
+                    group = [record for chunk in chunks[first:first + step] for record in chunk]
+                    run = run_through_editor(hparams, model, tok, group, cfg.chunk_size, bar=bar)
+                    seconds, mode = seconds + run.edit_seconds, run.mode
+                    easyedit_metrics.extend(run.metrics)
+                    if probe is not None:
+                        probe(min(first + step, len(chunks)))
+        if cfg.protocol != "single-round":
             scores.append((len(evaluation), ctx.score(evaluation, reference, cfg.progress)))
     finally:
         roll_back(model, snapshot)
@@ -215,7 +232,7 @@ def builtin_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> 
         if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
             hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
             seed_covariance_from_text(hp, ctx.model, ctx.tok, local_text())
-        row = _through_easyedit(ctx, hp, probe)
+        row = _through_easyedit(ctx, entry.text, hp, probe)
     except (EasyEditUnavailable, FileNotFoundError) as exc:
         return MethodRow(**dict.fromkeys(METRIC_NAMES), train_s_per_edit=None, edit_s_per_edit=None, error=str(exc))
     except Exception as exc:
@@ -223,7 +240,7 @@ def builtin_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> 
         return MethodRow(**dict.fromkeys(METRIC_NAMES), train_s_per_edit=None, edit_s_per_edit=None,
                          error=f"EasyEdit's {entry.method} failed on this model: {type(exc).__name__}: {exc}")
     if cfg.locate:
-        row["average"] = sum(row[k] for k in METRIC_NAMES) / 3
+        row["average"] = _average(row)
     return MethodRow(**row, train_s_per_edit=None)
 
 
@@ -237,7 +254,7 @@ def via_easyedit(ctx: RunContext, entry: MethodEntry, row: MethodRow) -> MethodR
         hp = method_hparams_for(entry.method, cfg.model, training=False, sequential=cfg.protocol == "sequential")
         hp = hp.replace(**entry.overrides, archive=row["archive"])
     try:
-        result = _through_easyedit(ctx, hp)
+        result = _through_easyedit(ctx, f"{entry.text} through BaseEditor", hp)
     except EasyEditUnavailable as exc:
         return MethodRow(easyedit_error=str(exc))
     return MethodRow(easyedit=result["easyedit"], easyedit_mode=result["easyedit_mode"],
@@ -271,7 +288,7 @@ def run_compare(cfg: CompareConfig, model: Optional[nn.Module] = None, tok: Any 
         from ..models import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer(cfg.model)
-    reference = predict_locality_reference(model, tok, list(evaluation)) if cfg.locate else None
+    reference = predict_locality_reference(model, tok, list(evaluation), progress=cfg.progress) if cfg.locate else None
     ctx = RunContext(cfg, model, tok, train, evaluation, reference)
     base = {"model": cfg.model, "dataset": cfg.dataset, "protocol": cfg.protocol, "n_edits": cfg.n_edits,
             "num_seq": cfg.num_seq}
@@ -283,7 +300,7 @@ def run_compare(cfg: CompareConfig, model: Optional[nn.Module] = None, tok: Any 
              "edit_s_per_edit": 0.0, "peak_rss_mb": peak_rss_mb(), "eval_seconds": time.perf_counter() - start,
              "scoring": unedited["scoring"]}]
     if cfg.locate:
-        rows[0]["average"] = sum(unedited[k] for k in METRIC_NAMES) / 3
+        rows[0]["average"] = _average(unedited)
     if cfg.general_every:
         rows[0]["general"] = [{"num_seq": 0, **ctx.general()}]
     for entry in entries:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
@@ -42,12 +43,14 @@ class TrainResult:
 
 def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *,
                       n_edits: int, dataset: str = "zsre", locality: str = "gold", curve_every: int = 0,
-                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None,
+                      bar: Optional[tqdm] = None) -> dict[str, Any]:
     """Edit ``records`` in batches of ``n_edits`` that accumulate, score all of them on the final model, restore.
 
     ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
     ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
-    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model.
+    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model;
+    ``bar`` advances by each batch's edits and is closed after the last batch, before scoring.
     """
     snapshot = None
     reference = None
@@ -63,6 +66,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
             start = time.perf_counter()
             snapshot = edit_batch(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk], snapshot)
             edit_seconds += time.perf_counter() - start
+            if bar is not None:
+                bar.update(len(chunk))
             if after_batch is not None:
                 after_batch(batch_no)
             if curve_every and batch_no % curve_every == 0 and i + n_edits < len(records):
@@ -70,6 +75,8 @@ def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Se
                 m = evaluate_records(model, tok, seen, dataset=dataset, locality=locality, progress=False,
                                      reference=None if reference is None else reference[:len(seen)])
                 curve.append({"num_seq": batch_no, **{k: m[k] for k in METRICS}})
+        if bar is not None:
+            bar.close()
         metrics = evaluate_records(model, tok, list(records), dataset=dataset, locality=locality, reference=reference,
                                    progress=progress)
     finally:
