@@ -21,6 +21,7 @@ from ..errors import OVERFLOW_CAUSE, require_finite
 from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
+from .distributed import SINGLE, RowReduce
 from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
 from .prefix import FrozenPrefix
@@ -66,6 +67,7 @@ class StepRecord:
     caches: dict[str, ModuleCache]
     shifts: dict[str, torch.Tensor]
     solvers: dict[str, RidgeSolve]
+    reduce: RowReduce = SINGLE  # the ranks whose rows the shifts were solved from
 
 
 class HypernetEditor(nn.Module):
@@ -125,24 +127,26 @@ class HypernetEditor(nn.Module):
 
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
                 update_normaliser: bool, prefix: Optional[FrozenPrefix] = None,
-                for_meta_backward: bool = True) -> StepRecord:
+                for_meta_backward: bool = True, reduce: RowReduce = SINGLE) -> StepRecord:
         """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
 
         ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
         ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
         its shift is applied, so one module's worth is held at a time; the record then holds shifts only.
+        ``reduce``: ``micro_batches`` are this rank's share; normaliser statistics and solves use every rank's rows.
         """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
         caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device,
                                             prefix=prefix)
         if update_normaliser:
             for pos, name in enumerate(self.module_names):
-                self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
+                self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads, reduce)
         shifts, solvers = {}, {}
         for pos, name in enumerate(self.module_names):
             c = caches[name] if for_meta_backward else caches.pop(name)
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
-                                                   c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size)
+                                                   c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size,
+                                                   reduce=reduce)
             del c
             shifts[name] = shift
             if for_meta_backward:
@@ -153,7 +157,7 @@ class HypernetEditor(nn.Module):
             add_param_shift_(self._modules_ref[name], shift)
             require_finite(self._modules_ref[name].weight, method=self.hparams.alg_name, where=where, module=name,
                            cause=OVERFLOW_CAUSE)
-        return StepRecord(step, caches, shifts, solvers)
+        return StepRecord(step, caches, shifts, solvers, reduce)
 
     def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
         """A :class:`FrozenPrefix` for this editor's modules, or None when ``reuse_frozen_prefix`` is off."""
@@ -165,7 +169,8 @@ class HypernetEditor(nn.Module):
             c = record.caches[name]
             accumulate_meta_grad(self.net_for(record.step, pos), self.module_idx[pos], c.keys.to(self.device),
                                  c.value_grads.to(self.device), record.solvers[name], record.shifts[name],
-                                 weight_grads[name].to(self.device), chunk_size=self.hparams.chunk_size)
+                                 weight_grads[name].to(self.device), chunk_size=self.hparams.chunk_size,
+                                 reduce=record.reduce)
 
     def unique_parameters(self) -> list[nn.Parameter]:
         """Every hypernetwork parameter once (a shared network is not listed per step, unlike the reference)."""

@@ -12,6 +12,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .distributed import SINGLE, RowReduce
+
 #: float32 machine epsilon; the references add it to the std so constant features do not divide by 0.
 EPS_FP32 = float(torch.finfo(torch.float32).eps)
 
@@ -54,20 +56,27 @@ class RunningMeanStd(nn.Module):
             self.frozen = previous
 
     @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        """Merge the rows of ``x`` ([N, size]) into the statistics; empty batches are ignored."""
+    def update(self, x: Tensor, reduce: RowReduce = SINGLE) -> None:
+        """Merge the rows of ``x`` ([N, size]) into the statistics; empty batches are ignored.
+
+        With ``reduce``, ``x`` is this rank's share of the batch and the batch statistics are those of
+        the rows of all ranks (count, sum and squared deviations summed over ranks).
+        """
         if x.dim() != 2 or x.shape[1] != self.size:
             raise ValueError(f"normaliser update expects rows of width {self.size}, got shape {tuple(x.shape)}")
-        if self.frozen or x.shape[0] == 0:
+        if self.frozen:
             return
         rows = x.detach().to(self.mean.device)
-        m = float(rows.shape[0])
+        m = float(reduce.sum(torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)))
+        if m == 0:
+            return
         n = float(self.n)
         n_new = n + m
         # float64 sums over row chunks: no float64 copy of every row at once
         chunks = rows.split(NORMALISER_ROWS)
-        batch_mean = sum(chunk.double().sum(dim=0) for chunk in chunks) / m
-        batch_var = sum((chunk.double() - batch_mean).square().sum(dim=0) for chunk in chunks) / m
+        zero = torch.zeros(self.size, dtype=torch.float64, device=rows.device)
+        batch_mean = reduce.sum(sum((chunk.double().sum(dim=0) for chunk in chunks), zero)) / m
+        batch_var = reduce.sum(sum(((chunk.double() - batch_mean).square().sum(dim=0) for chunk in chunks), zero)) / m
         mean = self.mean.to(torch.float64)
         delta = batch_mean - mean
         m2 = self.var.to(torch.float64) * n + batch_var * m + delta.square() * (n * m / n_new)
@@ -134,9 +143,9 @@ class HyperNet(nn.Module):
         if not 0 <= module_idx < self.n_modules:
             raise IndexError(f"module_idx {module_idx} out of range for a network of {self.n_modules} modules")
 
-    def update_normaliser(self, keys: Tensor, value_grads: Tensor) -> None:
-        """Feed one micro-batch of cached rows ``[keys; value_grads]`` into the running statistics."""
-        self.normaliser.update(torch.cat([keys.to(self.dtype), value_grads.to(self.dtype)], dim=1))
+    def update_normaliser(self, keys: Tensor, value_grads: Tensor, reduce: RowReduce = SINGLE) -> None:
+        """Feed one batch of cached rows ``[keys; value_grads]`` into the running statistics (all ranks' rows)."""
+        self.normaliser.update(torch.cat([keys.to(self.dtype), value_grads.to(self.dtype)], dim=1), reduce)
 
     def forward(self, keys: Tensor, value_grads: Tensor, module_idx: int) -> tuple[Tensor, Tensor]:
         """Return ``(pseudo_keys, pseudo_value_grads)``; inputs are cast to the network's device/dtype."""
