@@ -67,3 +67,66 @@ def shift_and_meta_grad(rank: int, world_size: int, out: str) -> None:
     result = math_case(RowReduce(rank, world_size))
     if rank == 0:
         torch.save(result, Path(out))
+
+
+MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+CASES = {
+    # batch, 4 micro-batches: 2 per rank
+    "SMEdit": dict(alg="SMEdit", n_edits=8, micro_batch_size=2),
+    # batch, 3 micro-batches: an uneven last shard (2 on rank 0, 1 on rank 1); KL locality term
+    "MALMEN2": dict(alg="MALMEN2", n_edits=6, micro_batch_size=2),
+    # sequential trajectories of 3 batches, memory backtracking, KL and l2 terms, one Adam step per trajectory
+    "RLEdit2": dict(alg="RLEdit2", n_edits=4, micro_batch_size=2, num_seq=3, back_depth=2),
+}
+
+
+def case_hparams(name: str):
+    """Tiny-model training hparams of one case (3 training units)."""
+    from smedit_plugin.methods import method_spec
+
+    spec = dict(CASES[name])
+    alg = spec.pop("alg")
+    return method_spec(alg).hparams_class()(alg_name=alg, model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2,
+                                  lr=1e-2, meta_lr=1e-3, chunk_size=3, max_steps=3, **spec)
+
+
+def train_case(rank: int, world_size: int, name: str, data: str, out: str, fail_at_unit: int = 0) -> None:
+    """Train one case with ``train_hypernet`` on every rank (rank 0 writes ``out``); optionally fail on rank 1.
+
+    Rank 0 also saves the hypernetwork gradients Adam receives at each step to ``out + ".grads.pt"``.
+    """
+    from smedit_plugin.data import load_records
+    from smedit_plugin.hypernet.distributed import RowReduce
+    from smedit_plugin.hypernet.runner import train_hypernet
+    from smedit_plugin.hypernet.trainer import MetaTrainer
+    from smedit_plugin.testing import tiny_model
+
+    model, tok = tiny_model("smollm2", n_layers=4)
+    records = load_records(Path(data), "zsre", limit=48)
+    hp = case_hparams(name)
+    if fail_at_unit:
+        hp = hp.replace(val_interval=1, max_steps=-1)
+        if rank == 1:
+            original = MetaTrainer._train_batch
+
+            def failing(self, batch):
+                if self.state.units_done + 1 == fail_at_unit:
+                    raise RuntimeError(f"injected failure on rank 1 in unit {fail_at_unit}")
+                return original(self, batch)
+
+            MetaTrainer._train_batch = failing
+    original_step = torch.optim.Adam.step
+    saved: list[list[torch.Tensor]] = []
+
+    def step(self, *args, **kwargs):
+        saved.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        if rank == 0:
+            torch.save(saved, out + ".grads.pt")
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.Adam.step = step
+    try:
+        train_hypernet(model, tok, hp, records, out, model_name="tiny-smollm2", progress=False,
+                       reduce=RowReduce(rank, world_size))
+    finally:
+        torch.optim.Adam.step = original_step

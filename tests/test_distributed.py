@@ -4,9 +4,10 @@ The workers live in tests/distributed_workers.py (spawned children import them f
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
-from distributed_workers import math_case, run_ranks, shift_and_meta_grad
+from distributed_workers import CASES, case_hparams, math_case, run_ranks, shift_and_meta_grad, train_case
 from smedit_plugin.hypernet.distributed import SINGLE, RowReduce
 
 
@@ -31,3 +32,65 @@ def test_shift_normaliser_and_meta_gradient_from_rows_split_over_two_ranks(tmp_p
     for name, value in whole.items():  # float32 sums in another order: equal to ~1e-6 of each tensor's scale
         torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-5 * float(value.abs().max()), msg=name)
     assert whole["grad.lamda.weight"].abs().sum() > 0  # the lambda term is in the total once, not twice
+
+
+def _archive_tensors(path) -> dict[str, torch.Tensor]:
+    from smedit_plugin.hypernet.archive import load_archive
+    from smedit_plugin.testing import tiny_model
+
+    model, _ = tiny_model("smollm2", n_layers=4)
+    editor, meta = load_archive(path, model, case_hparams_of(path))
+    return {k: v.detach().clone() for k, v in editor.state_dict().items()}
+
+
+_HP_OF: dict = {}
+
+
+def case_hparams_of(path):
+    return _HP_OF[str(path)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_write_the_archive_one_process_writes(tmp_path, zsre_train_path, case) -> None:
+    """3 training units on 2 gloo ranks (each batch sharded) equal 3 units in one process, to float32 tolerance."""
+    single, split = tmp_path / "single", tmp_path / "split"
+    train_case(0, 1, case, str(zsre_train_path), str(single))
+    run_ranks(2, train_case, case, str(zsre_train_path), str(split))
+    _HP_OF[str(single)] = _HP_OF[str(split)] = case_hparams(case)
+    # The hypernetwork gradient of every optimiser step: the ranks' sums are taken in another order, so they
+    # agree to float32 rounding at the first step (1e-4 of each tensor's norm) and within 3e-2 after it (Adam amplifies the rounding, below).
+    steps = list(zip(torch.load(str(single) + ".grads.pt"), torch.load(str(split) + ".grads.pt"), strict=True))
+    assert len(steps) >= 3
+    for k, (one_step, two_step) in enumerate(steps):
+        for g1, g2 in zip(one_step, two_step, strict=True):
+            err, norm = float((g2 - g1).norm()), float(g1.norm())
+            assert err <= (1e-4 if k == 0 else 3e-2) * norm + 1e-9, f"step {k + 1}: |diff| {err:.2e}, |grad| {norm:.2e}"
+    one, two = _archive_tensors(single), _archive_tensors(split)
+    initial = _initial_tensors(case)
+    # Adam divides each gradient entry by its own running scale, so an entry whose gradient is near zero moves
+    # by a visible part of one step (meta_lr) on float32 rounding alone: the archives agree within half a step.
+    meta_lr = case_hparams(case).meta_lr
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=0.5 * meta_lr, msg=name)
+    assert any(not torch.equal(v, initial[k]) for k, v in one.items() if k in initial and "normaliser" not in k)
+
+
+def _initial_tensors(case: str) -> dict[str, torch.Tensor]:
+    from smedit_plugin.hypernet.editor import HypernetEditor
+    from smedit_plugin.testing import tiny_model
+
+    model, _ = tiny_model("smollm2", n_layers=4)
+    hp = case_hparams(case)
+    torch.manual_seed(hp.seed)
+    return dict(HypernetEditor(model, hp).state_dict())
+
+
+def test_a_failing_rank_stops_the_run_with_its_error_and_the_last_archive_loads(tmp_path, zsre_train_path) -> None:
+    out = tmp_path / "archive"
+    with pytest.raises(Exception, match="injected failure on rank 1 in unit 3"):
+        run_ranks(2, train_case, "SMEdit", str(zsre_train_path), str(out), 3)
+    from smedit_plugin.hypernet.archive import read_meta
+
+    _HP_OF[str(out)] = case_hparams("SMEdit")
+    assert read_meta(out)["train_state"]["units_done"] == 2  # the checkpoint after unit 2 is there and loads
+    assert _archive_tensors(out)

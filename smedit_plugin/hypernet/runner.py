@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data import EditRecord
 from ..evaluation import METRICS, evaluate_records
 from ..fileio import MANIFEST, is_versioned_dir, leftovers, read_manifest, remove_leftovers
+from .distributed import SINGLE, RowReduce
 from .archive import FORMAT, ArchiveError, load_archive, read_meta, save_archive
 from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
@@ -161,8 +162,11 @@ def _clear(path: Path) -> None:
 def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_records: Sequence[EditRecord],
                    out_dir: Union[str, os.PathLike], *, val_records: Optional[Sequence[EditRecord]] = None,
                    model_name: Optional[str] = None, resume: bool = True, progress: bool = True,
-                   dataset: str = "zsre", overwrite: bool = False) -> TrainResult:
+                   dataset: str = "zsre", overwrite: bool = False, reduce: RowReduce = SINGLE) -> TrainResult:
     """Train (or resume training of) the method's hypernetworks and write the archive to ``out_dir``.
+
+    Under a data-parallel launcher (``reduce`` from :func:`~.distributed.init_from_environment`) every rank
+    runs this with the same arguments; each batch is shared among the ranks and only rank 0 writes.
 
     Validation records (``val_records``, else a ``val_fraction`` of ``train_records``) are scored after
     every epoch; the archive then holds the networks with the lowest validation loss. ``out_dir`` is
@@ -174,15 +178,18 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
         train_records, val_records = split_validation(train_records, hparams.val_fraction, hparams.seed)
     name = model_name or (hparams.model_name if isinstance(hparams.model_name, str) else "in-memory-model")
     resumable = check_out_dir(out, hparams, name, overwrite=overwrite)
+    reduce.barrier()  # every rank has looked at --out before the first one changes it
     if resume and resumable:
-        remove_leftovers(out)
+        if reduce.is_first:
+            remove_leftovers(out)
+        reduce.barrier()
         editor, _, opt, state = load_archive(out, model, hparams, with_optimizer=True, device=hypernet_device(hparams))
-        trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt, state=state)
+        trainer = MetaTrainer(model, tok, hparams, editor=editor, optimizer=opt, state=state, reduce=reduce)
     else:
-        if overwrite:
+        if overwrite and reduce.is_first:
             _clear(out)
         torch.manual_seed(hparams.seed)
-        trainer = MetaTrainer(model, tok, hparams)
+        trainer = MetaTrainer(model, tok, hparams, reduce=reduce)
 
     def validate() -> dict[str, Any]:
         recs = list(val_records or [])
@@ -191,15 +198,18 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
         return {"loss": trainer.validation_loss(recs), **{k: m[k] for k in ("efficacy", "generalization", "specificity")}}
 
     def checkpoint(t: MetaTrainer) -> None:
-        save_archive(out, t.editor, model_name=name, optimizer=t.opt, state=t.state)
+        if reduce.is_first:
+            save_archive(out, t.editor, model_name=name, optimizer=t.opt, state=t.state)
 
     seconds_before = trainer.state.seconds
     edits_before = trainer.state.edits_seen
     state = trainer.train(train_records, validate=validate if val_records else None, checkpoint=checkpoint,
                           progress=progress)
     result = TrainResult(out, state, state.seconds - seconds_before, state.edits_seen - edits_before)
-    save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state,
-                 extra={"complete": True, "train_s_per_edit": result.seconds_per_edit})
+    if reduce.is_first:
+        save_archive(out, trainer.editor, model_name=name, optimizer=trainer.opt, state=state,
+                     extra={"complete": True, "train_s_per_edit": result.seconds_per_edit})
+    reduce.barrier()
     return result
 
 

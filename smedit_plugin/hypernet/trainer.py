@@ -29,8 +29,9 @@ from ..text import build_batch
 from .editor import HypernetEditor, hypernet_device
 from .hparams import HypernetHyperParams
 from .losses import answer_cross_entropy, answer_logits, kl_locality
+from .distributed import SINGLE, RowReduce
 from .prefix import FrozenPrefix, forward_context
-from .shifts import to_in_out
+from .shifts import module_shape, to_in_out
 
 
 @dataclasses.dataclass
@@ -52,8 +53,11 @@ class MetaTrainer:
     """Trains a :class:`HypernetEditor` on a model for one of the hypernetwork methods."""
 
     def __init__(self, model: nn.Module, tok, hparams: HypernetHyperParams, editor: Optional[HypernetEditor] = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None,
+                 reduce: RowReduce = SINGLE) -> None:
         self.model = model
+        #: the data-parallel ranks this trainer shares each batch with (:mod:`.distributed`); one process: SINGLE
+        self.reduce = reduce
         self.tok = tok
         self.hp = hparams
         self.editor = editor if editor is not None else HypernetEditor(model, hparams, device=hypernet_device(hparams))
@@ -87,20 +91,26 @@ class MetaTrainer:
             units = units[: self.hp.max_steps]
         return units
 
-    def _mbs(self, prompts: list[str], answers: list[str]) -> list[dict[str, torch.Tensor]]:
+    def _mbs(self, prompts: list[str], answers: list[str], shard: bool) -> list[dict[str, torch.Tensor]]:
+        """Micro-batches of ``micro_batch_size``; with ``shard``, only this rank's share of them."""
         size = self.hp.micro_batch_size
-        return [build_batch(self.tok, prompts[i:i + size], answers[i:i + size]) for i in range(0, len(prompts), size)]
+        indices = range(0, len(prompts), size)
+        if shard:
+            indices = self.reduce.shard(indices)
+        return [build_batch(self.tok, prompts[i:i + size], answers[i:i + size]) for i in indices]
 
-    def _edit_mbs(self, batch: Sequence[EditRecord]):
-        return self._mbs([r.prompt for r in batch], [r.target_new for r in batch])
+    def _edit_mbs(self, batch: Sequence[EditRecord], shard: bool = True):
+        if shard:
+            self.reduce.check_shardable(-(-len(batch) // self.hp.micro_batch_size), f"{self.hp.alg_name} training batch")
+        return self._mbs([r.prompt for r in batch], [r.target_new for r in batch], shard)
 
-    def _equiv_mbs(self, batch: Sequence[EditRecord]):
+    def _equiv_mbs(self, batch: Sequence[EditRecord], shard: bool = True):
         return self._mbs([r.rephrase_prompts[0] if r.rephrase_prompts else r.prompt for r in batch],
-                         [r.target_new for r in batch])
+                         [r.target_new for r in batch], shard)
 
-    def _unrel_mbs(self, batch: Sequence[EditRecord]):
+    def _unrel_mbs(self, batch: Sequence[EditRecord], shard: bool = True):
         with_loc = [r for r in batch if r.locality_prompts]
-        return self._mbs([r.locality_prompts[0] for r in with_loc], [r.locality_answers[0] for r in with_loc])
+        return self._mbs([r.locality_prompts[0] for r in with_loc], [r.locality_answers[0] for r in with_loc], shard)
 
     # -- losses ----------------------------------------------------------------------------
     def _grad_of(self, loss: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
@@ -150,7 +160,12 @@ class MetaTrainer:
                     loss = w * loc_coef * kl_locality(ref_logits, logits)
                     total += float(loss.detach())
                     self._grad_of(loss, grads)
-        return grads, total
+        if not self.reduce.active:
+            return grads, total
+        # every rank scored its share of the micro-batches: the meta-loss and its G are sums over ranks
+        summed = {n: self.reduce.sum(grads[n] if n in grads else torch.zeros(
+            module_shape(self.editor.edit_module(n)), device=self.weights[n].device)) for n in self.editor.module_names}
+        return summed, float(self.reduce.sum(torch.tensor(total, dtype=torch.float64)))
 
     def _add_shift_penalty(self, grads: dict[str, torch.Tensor], shifts: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
         """Gradient of ``reg_coef * ||param_shift||^2`` (Eq. 7; over ``||W||^2`` when relative) w.r.t. the shift, added to ``G``."""
@@ -173,6 +188,12 @@ class MetaTrainer:
         return self.hp.bp_steps if self.hp.reference_adam_duplicates and self.editor.shared else 1
 
     def _optimizer_step(self) -> None:
+        if self.reduce.active:  # each rank back-propagated its own rows: the gradient is the sum over ranks
+            params = self.editor.unique_parameters()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.reduce.sum_([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(self.editor.unique_parameters(), self.hp.max_grad_norm)
         # Adam with a parameter listed k times updates it k times in a row with the same gradient
         # (the for-loop implementation; spec §1.6): k calls of step() reproduce that exactly.
@@ -205,7 +226,8 @@ class MetaTrainer:
         loss = 0.0
         with self._float32_edit_weights(), self._restoring(snap):
             for s in range(self.hp.bp_steps):
-                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
+                rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix,
+                                          reduce=self.reduce)
                 grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0], prefix)
                 grads = self._add_shift_penalty(grads, rec.shifts, 1.0)
                 self.opt.zero_grad(set_to_none=True)
@@ -235,8 +257,8 @@ class MetaTrainer:
                 with_kl = self.hp.locality_coef() > 0
                 refs = [self._reference_logits(un, prefix, at_current) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
-                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix)
-                        for s in range(self.hp.bp_steps)]
+                recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix,
+                                            reduce=self.reduce) for s in range(self.hp.bp_steps)]
                 at_current = {}
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
                                                     prefix, at_current if self.reuse_reference_logits else None)
@@ -266,7 +288,7 @@ class MetaTrainer:
         loc_coef = self.hp.locality_coef()
         losses = []
         for unit in units:
-            equiv, unrel = self._equiv_mbs(unit), self._unrel_mbs(unit)
+            equiv, unrel = self._equiv_mbs(unit, shard=False), self._unrel_mbs(unit, shard=False)
             refs = self._reference_logits(unrel, None) if loc_coef > 0 else []
             snapshot = None
             try:
@@ -317,7 +339,7 @@ class MetaTrainer:
             p.requires_grad_(False)
         for w in self.weights.values():
             w.requires_grad_(True)
-        bar = tqdm(todo, desc=f"train {self.hp.alg_name}", unit="seq" if self.sequential else "batch", disable=not progress)
+        bar = tqdm(todo, desc=f"train {self.hp.alg_name}", unit="seq" if self.sequential else "batch", disable=not progress or not self.reduce.is_first)
         try:
             for unit in bar:
                 start = time.perf_counter()
@@ -339,8 +361,9 @@ class MetaTrainer:
                     continue
                 entry["val"] = validate()
                 self.state.history.append(entry)
-                bar.write(f"{self.hp.alg_name} unit {done} (epoch {done / per_epoch:.2f}): train loss {loss:.4f}, "
-                          + ", ".join(f"val {k} {v:.4f}" for k, v in entry["val"].items()))
+                if self.reduce.is_first:
+                    bar.write(f"{self.hp.alg_name} unit {done} (epoch {done / per_epoch:.2f}): train loss {loss:.4f}, "
+                              + ", ".join(f"val {k} {v:.4f}" for k, v in entry["val"].items()))
                 if self._record_validation(entry["val"]):
                     best_nets = copy.deepcopy(self.editor.nets.state_dict())
                     if checkpoint is not None:
