@@ -36,6 +36,7 @@ def setup_train(parser: argparse.ArgumentParser) -> Runner:
 def run_train(args: argparse.Namespace) -> int:
     from .data import detect_dataset, load_records
     from .hparams import load_hparams
+    from .hypernet.distributed import init_from_environment, launched_world, shutdown
     from .hypernet.hparams import HypernetHyperParams
     from .hypernet.runner import check_out_dir, train_hypernet
     from .models import load_model_for
@@ -58,9 +59,23 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = args.dataset or detect_dataset(Path(args.data))
     train = load_records(Path(args.data), dataset)
     val = load_records(Path(args.val_data), dataset) if args.val_data else None
-    model, tok = load_model_for(hp)
-    result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
-                            resume=not args.no_resume, progress=not args.no_progress, overwrite=args.overwrite)
+    if launched_world()[1] > 1 and hp.model_parallel:
+        raise ValueError(f"{args.hparams}: model_parallel is not supported under torchrun / accelerate launch (one "
+                         "process per device holds a whole model copy); set model_parallel: false")
+    reduce, device = init_from_environment()
+    try:
+        if device is not None:
+            hp = hp.replace(device=str(device))
+        model, tok = load_model_for(hp)
+        result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
+                                resume=not args.no_resume, progress=not args.no_progress and reduce.is_first,
+                                overwrite=args.overwrite, reduce=reduce)
+    finally:
+        shutdown(reduce)
+    if not reduce.is_first:
+        return 0
+    if reduce.active:
+        print(f"data-parallel over {reduce.world_size} processes; each batch was shared among them")
     print(f"trained {hp.alg_name} on {result.edits_seen} edits in {result.train_seconds:.1f} s "
           f"({result.seconds_per_edit:.3f} s/edit, {result.state.optimizer_steps} optimiser steps); archive: {result.archive}")
     rows = [[str(e["unit"]), f"{e['epoch']:.2f}", f"{e['loss']:.4f}", f"{e['val']['loss']:.4f}",

@@ -94,3 +94,35 @@ def test_a_failing_rank_stops_the_run_with_its_error_and_the_last_archive_loads(
     _HP_OF[str(out)] = case_hparams("SMEdit")
     assert read_meta(out)["train_state"]["units_done"] == 2  # the checkpoint after unit 2 is there and loads
     assert _archive_tensors(out)
+
+
+@pytest.mark.slow
+def test_smedit_train_under_torchrun_writes_the_one_process_archive(tmp_path, zsre_train_path) -> None:
+    """``torchrun --nproc_per_node 2 -m smedit_plugin.cli train ...`` unchanged, against the same command alone."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from smedit_plugin.testing import tiny_model
+
+    model, tok = tiny_model("smollm2", n_layers=4)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    hp = case_hparams("SMEdit").replace(model_name=str(tmp_path / "model"), max_steps=2)
+    (tmp_path / "smedit.yaml").write_text(yaml.safe_dump(hp.to_dict()))
+    command = ["-m", "smedit_plugin.cli", "train", str(tmp_path / "smedit.yaml"), "--data", str(zsre_train_path),
+               "--no-progress"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "SMEDIT_DIST_TIMEOUT": "120"}
+    alone = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "alone")], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            *command, "--out", str(tmp_path / "ranks")],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout.count("trained SMEdit") == 1 and "data-parallel over 2 processes" in ranks.stdout
+    _HP_OF[str(tmp_path / "alone")] = _HP_OF[str(tmp_path / "ranks")] = hp
+    one, two = _archive_tensors(tmp_path / "alone"), _archive_tensors(tmp_path / "ranks")
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=0.5 * hp.meta_lr, msg=name)
