@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smedit_plugin.compare import (ROW_FIELDS, CompareConfig, format_general, format_table, method_overrides,
+from smedit_plugin.compare import (ROW_FIELDS, CompareConfig, format_general, format_table, method_hparams,
+                                   method_overrides,
                                    parse_methods, plot_curves, run_compare)
 from smedit_plugin.hypernet.archive import read_meta
 
@@ -90,7 +91,8 @@ def test_variant_trains_its_own_archive_with_its_overrides(tmp_path, tiny, train
     assert "overrides" not in rows[1] and rows[2]["overrides"] == {"reg_coef": 0}
     assert rows[1]["archive"] != rows[2]["archive"]
     coefs = [read_meta(Path(r["archive"]))["hparams"]["reg_coef"] for r in rows[1:]]
-    assert coefs == [0.5, 0.0]
+    shipped = method_hparams("SMEdit", "smollm2-135m", training=True).reg_coef
+    assert shipped > 0 and coefs == [shipped, 0.0]
 
 
 @pytest.fixture(scope="module")

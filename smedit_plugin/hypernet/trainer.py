@@ -275,16 +275,16 @@ class MetaTrainer:
         """The meta-loss of edits the current networks make on held-out ``records``, without the shift penalty.
 
         Records are cut (in order) into units as in training: a batch of ``n_edits``, or ``num_seq`` such
-        batches whose edits accumulate. Each unit is edited through the edit-time road (normaliser frozen),
+        batches whose edits accumulate (fewer records than one unit make one shorter unit). Each unit is edited through the edit-time road (normaliser frozen),
         scored by the rephrase cross-entropy of all its facts (plus ``locality_coef`` x KL to the unedited
         model on their locality prompts), and rolled back. Returns the mean over units.
         """
         from .editor import edit_batch
 
         per_unit = self.hp.n_edits * self.hp.num_seq
-        units = [records[i:i + per_unit] for i in range(0, len(records) - per_unit + 1, per_unit)]
-        if not units:
-            raise ValueError(f"validation needs at least n_edits * num_seq = {per_unit} records, got {len(records)}")
+        units = [records[i:i + per_unit] for i in range(0, len(records) - per_unit + 1, per_unit)] or [list(records)]
+        if not records:
+            raise ValueError("validation needs at least one record; give --val-data or a larger val_fraction")
         loc_coef = self.hp.locality_coef()
         losses = []
         for unit in units:
