@@ -15,7 +15,6 @@ from .devices import model_input_device
 from .evaluation import _eval_mode
 from .shipped import WIKITEXT2_TEST
 
-DEFAULT_TEXT_PATH = WIKITEXT2_TEST
 PathLike = Union[str, os.PathLike]
 
 
@@ -78,10 +77,10 @@ def read_text_tokens(tokenizer: Any, text_path: Optional[PathLike] = None, max_t
     """The first ``max_tokens`` token ids of a text file (without special tokens); fewer if the file is shorter."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}")
-    path = Path(text_path).expanduser() if text_path is not None else DEFAULT_TEXT_PATH
+    path = Path(text_path).expanduser() if text_path is not None else WIKITEXT2_TEST
     if not path.is_file():
         raise FileNotFoundError(f"perplexity text {path} not found; pass text_path=<a plain-text file> "
-                                f"(the default is the packaged {DEFAULT_TEXT_PATH.name})")
+                                f"(the default is the packaged {WIKITEXT2_TEST.name})")
     text = path.read_text(encoding="utf-8")
     size = max_tokens * 8
     while True:

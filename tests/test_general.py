@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from smedit_plugin.general import (GLUE_DIR_ENV, GLUE_TASKS, GlueItem, general_report, glue_accuracy, load_glue_task,
                                    score_choices)
-from smedit_plugin.perplexity import DEFAULT_TEXT_PATH, perplexity, read_text_tokens, token_perplexity
+from smedit_plugin.perplexity import perplexity, read_text_tokens, token_perplexity
+from smedit_plugin.shipped import WIKITEXT2_TEST
 
 GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12 + "Editing a fact should leave the rest alone."
@@ -288,8 +289,8 @@ def test_report_parts_can_be_skipped_and_tasks_are_checked_first(small) -> None:
 @pytest.mark.slow
 def test_smollm2_perplexity_on_wikitext_is_sane(smollm2) -> None:
     """Measured on 1,024 WikiText-2 test tokens, windows of 512: 28.2; tokens shuffled: 3,007 (about 7 s each)."""
-    if not DEFAULT_TEXT_PATH.is_file():
-        pytest.skip(f"shared text file {DEFAULT_TEXT_PATH} is not available")
+    if not WIKITEXT2_TEST.is_file():
+        pytest.skip(f"shared text file {WIKITEXT2_TEST} is not available")
     model, tok = smollm2
     ids = read_text_tokens(tok, max_tokens=1024)
     assert len(ids) == 1024
