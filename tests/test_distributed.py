@@ -54,7 +54,12 @@ def case_hparams_of(path):
 def test_two_ranks_write_the_archive_one_process_writes(tmp_path, zsre_train_path, case) -> None:
     """3 training units on 2 gloo ranks (each batch sharded) equal 3 units in one process, to float32 tolerance."""
     single, split = tmp_path / "single", tmp_path / "split"
-    train_case(0, 1, case, str(zsre_train_path), str(single))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels, only the order of the sums over ranks differs
+    try:
+        train_case(0, 1, case, str(zsre_train_path), str(single))
+    finally:
+        torch.set_num_threads(threads)
     run_ranks(2, train_case, case, str(zsre_train_path), str(split))
     _HP_OF[str(single)] = _HP_OF[str(split)] = case_hparams(case)
     # The hypernetwork gradient of every optimiser step: the ranks' sums are taken in another order, so they
@@ -68,11 +73,21 @@ def test_two_ranks_write_the_archive_one_process_writes(tmp_path, zsre_train_pat
     one, two = _archive_tensors(single), _archive_tensors(split)
     initial = _initial_tensors(case)
     # Adam divides each gradient entry by its own running scale, so an entry whose gradient is near zero moves
-    # by a visible part of one step (meta_lr) on float32 rounding alone: the archives agree within half a step.
-    meta_lr = case_hparams(case).meta_lr
-    for name, value in one.items():
-        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=0.5 * meta_lr, msg=name)
+    # by a visible part of one step (meta_lr) on float32 rounding alone; per tensor, the two archives differ by
+    # under 5 % of how far training moved it (a sharding error moves them apart by the whole movement).
+    assert_same_training(one, two, initial)
     assert any(not torch.equal(v, initial[k]) for k, v in one.items() if k in initial and "normaliser" not in k)
+
+
+def assert_same_training(one: dict, two: dict, initial: dict) -> None:
+    """Two archives of the same training: per tensor, apart by under 5 % of how far training moved it."""
+    for name, value in one.items():
+        if name not in initial or "normaliser" in name:  # statistics of rows cached at those (near-equal) weights
+            err, norm = float((two[name].double() - value.double()).norm()), float(value.double().norm())
+            assert err <= 1e-3 * norm + 1e-9, f"{name}: archives differ by {err:.2e} (norm {norm:.2e})"
+            continue
+        moved, err = float((value - initial[name]).norm()), float((two[name] - value).norm())
+        assert err <= 0.05 * moved + 1e-9, f"{name}: archives differ by {err:.2e}, training moved it {moved:.2e}"
 
 
 def _initial_tensors(case: str) -> dict[str, torch.Tensor]:
@@ -124,5 +139,4 @@ def test_smedit_train_under_torchrun_writes_the_one_process_archive(tmp_path, zs
     assert ranks.stdout.count("trained SMEdit") == 1 and "data-parallel over 2 processes" in ranks.stdout
     _HP_OF[str(tmp_path / "alone")] = _HP_OF[str(tmp_path / "ranks")] = hp
     one, two = _archive_tensors(tmp_path / "alone"), _archive_tensors(tmp_path / "ranks")
-    for name, value in one.items():
-        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=0.5 * hp.meta_lr, msg=name)
+    assert_same_training(one, two, _initial_tensors("SMEdit"))

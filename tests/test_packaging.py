@@ -108,9 +108,9 @@ def test_a_wheel_install_works_outside_the_checkout(wheel: Path, tmp_path: Path)
     run = lambda *args: subprocess.run([str(python), *args], cwd=work, env=env, check=True, capture_output=True,
                                        text=True).stdout
     code = ("import json, smedit_plugin as s; from smedit_plugin.general import default_glue_dir; "
-            "from smedit_plugin.perplexity import DEFAULT_TEXT_PATH; "
+            "from smedit_plugin.shipped import WIKITEXT2_TEST; "
             "hp = s.load_hparams('COMEBA-HK/gemma-2'); "
-            "print(json.dumps([s.__file__, hp.alg_name, str(default_glue_dir()), str(DEFAULT_TEXT_PATH)]))")
+            "print(json.dumps([s.__file__, hp.alg_name, str(default_glue_dir()), str(WIKITEXT2_TEST)]))")
     location, alg_name, glue, text = json.loads(run("-c", code))
     assert Path(location).is_relative_to(env_dir) and not Path(location).is_relative_to(ROOT)
     assert alg_name == "COMEBA-HK"
