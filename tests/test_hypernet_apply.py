@@ -251,6 +251,7 @@ def test_editors_are_cached_per_model_and_hparams(tiny4, malmen2, requests, monk
     other = copy.deepcopy(tiny4[0])
     apply_malmen2_to_model(other, tok, requests[:1], malmen2)
     assert len(loads) == 3 and apply_module.editor_for(other, malmen2) is not apply_module.editor_for(model, one_per_mb)
+    gc.collect()  # models of earlier tests that are already unreachable must not be counted below
     cached = len(apply_module._EDITORS)
     del other
     gc.collect()
