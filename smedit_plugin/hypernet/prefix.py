@@ -59,10 +59,6 @@ class FrozenPrefix:
     def enabled(self) -> bool:
         return self.blocks is not None and self.first > 0 and not self.model.training
 
-    def clear(self) -> None:
-        """Forget every stored micro-batch (call when the unit is done)."""
-        self._stored.clear()
-
     @contextlib.contextmanager
     def forward_of(self, batch: Mapping[str, Tensor]) -> Iterator[None]:
         """Run the enclosed forward of ``batch`` with the prefix recorded (first time) or skipped."""

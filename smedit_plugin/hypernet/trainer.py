@@ -26,7 +26,7 @@ from ..data import EditRecord
 from ..editing import WeightsSnapshot
 from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
-from .editor import HypernetEditor, hypernet_device
+from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
 from .losses import answer_cross_entropy, answer_logits, kl_locality
 from .distributed import SINGLE, RowReduce
@@ -279,8 +279,6 @@ class MetaTrainer:
         scored by the rephrase cross-entropy of all its facts (plus ``locality_coef`` x KL to the unedited
         model on their locality prompts), and rolled back. Returns the mean over units.
         """
-        from .editor import edit_batch
-
         per_unit = self.hp.n_edits * self.hp.num_seq
         units = [records[i:i + per_unit] for i in range(0, len(records) - per_unit + 1, per_unit)] or [list(records)]
         if not records:
