@@ -21,6 +21,8 @@ time, from the outside:
 * hydra overrides: ``model=llama-3-instruct`` re-pointed at the local folder (``model.name_or_path``,
   ``model.half`` from ``--dtype``, ``model.edit_modules``), ``model_device=cpu editor_device=cpu``,
   ``editor.rank``, ``editor.iters`` (2 BP steps for MALMEN^2 / RLEdit^2), ``editor.max_steps``,
+  ``editor.lr`` / ``meta_lr`` / ``reg_coef`` / ``loc_coef`` from our TRAINING YAML (so both sides train the
+  same objective from the same start; ``--reference-own-settings`` keeps the reference config's values),
   ``num_seq``, ``dataset.n_edits``, ``dataset.batch_size``, the data paths, ``hydra.run.dir`` (a temp
   folder, so its on-disk caches of keys / value gradients do not collide);
 * stub modules in ``sys.modules``: ``swanlab`` (its logger; ES/GS/LS are read from the
@@ -101,7 +103,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from smedit_plugin.compare import method_hparams
     from smedit_plugin.data import load_records
     from smedit_plugin.hypernet.archive import load_archive
-    from smedit_plugin.hypernet.workflow import edit_and_evaluate, train_hypernet
+    from smedit_plugin.hypernet.runner import edit_and_evaluate, train_hypernet
     from smedit_plugin.models import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -109,7 +111,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     layers = overrides.pop("layers", None)
     modules = REFERENCE_LAYERS if layers == "reference" else args.edit_modules
     settings = dict(n_edits=args.n_edits, num_seq=args.num_seq, val_n_edits=args.n_edits, max_steps=-1, n_epochs=1,
-                    rank=args.rank, edit_modules=list(modules), micro_batch_size=args.micro_batch_size,
+                    val_fraction=0.0, rank=args.rank, edit_modules=list(modules), micro_batch_size=args.micro_batch_size,
                     model_dtype=args.dtype, bp_steps=2)
     hp = method_hparams(method, args.model, training=True).replace(**{**settings, **overrides})
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype)
@@ -125,6 +127,22 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             "edit_s_per_edit": metrics["edit_seconds"] / len(evaluation),
             **{k: metrics[k] for k in ("efficacy", "generalization", "specificity")},
             "optimizer_steps": result.state.optimizer_steps, "peak_rss_mb": peak_rss_mb()}
+
+
+def reference_settings(method: str, model: str) -> dict[str, float]:
+    """Our TRAINING YAML's edit step size, meta learning rate and loss weights, in the reference config's names.
+
+    In batch mode both sides penalise ``reg_coef * ||shift||^2`` (SMEdit / EMSEdit); MALMEN's and RLEdit's KL
+    weight is ``loc_coef`` on both sides. So the same fields give the same training objective."""
+    from smedit_plugin.compare import method_hparams
+
+    hp = method_hparams(method, model, training=True)
+    names = {"lr": hp.lr, "meta_lr": hp.meta_lr}
+    if method == "SMEdit":
+        names["reg_coef"] = hp.shift_penalty_coef()
+    if hp.locality_coef() > 0:
+        names["loc_coef"] = hp.locality_coef()
+    return names
 
 
 def write_reference_data(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
@@ -232,6 +250,7 @@ def run_reference(args: argparse.Namespace) -> dict[str, Any]:
         f"dataset.n_edits={args.n_edits}", f"dataset.batch_size={args.micro_batch_size}",
         f"dataset.train_path={args.ref_train}", f"dataset.valid_path={args.ref_eval}",
         f"editor.rank={args.rank}", f"editor.iters={iters}", "editor.n_epochs=1",
+        *(f"editor.{name}={value}" for name, value in json.loads(args.ref_settings or "{}").items()),
         f"hydra.run.dir={args.workdir}", "hydra.job.chdir=true", "hydra.output_subdir=null",
         "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
     ]
@@ -299,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit-modules", nargs="+", default=None, help="default: our YAML's")
     p.add_argument("--reference-layers", action="store_true",
                    help="edit the official run's modules (gate_proj 12-16, up_proj 19-24) on both sides")
+    p.add_argument("--reference-own-settings", action="store_true",
+                   help="keep the reference config's lr, meta_lr, reg_coef, loc_coef instead of our YAML's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("vs_reference.json"))
@@ -310,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-train", help=argparse.SUPPRESS)
     p.add_argument("--ref-eval", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--ref-settings", help=argparse.SUPPRESS)
     p.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -367,7 +389,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             else:
                 editor = PAIRS[args.protocol][method][0]
                 workdir = Path(tmp) / f"ref-{editor}"
-                row = _spawn(args.reference_python, [
+                matched = {} if args.reference_own_settings else reference_settings(method, args.model)
+                row = _spawn(args.reference_python, ["--ref-settings", json.dumps(matched),
                     "--worker", "reference", "--reference-src", str(args.reference_src.resolve()),
                     "--reference-editor", editor, "--model-path", model_path, "--ref-train", str(ref_train),
                     "--ref-eval", str(ref_eval), "--workdir", str(workdir), *common])

@@ -148,6 +148,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
                         general_every=args.general_every, general_items=args.general_items,
                         general_tokens=args.general_tokens)
     rows = run_compare(cfg)
+    if not rows:  # a data-parallel rank other than 0: it helped train, rank 0 reports
+        return 0
     print(format_table(rows))
     if cfg.general_every:
         print("\ngeneral capability\n" + format_general(rows))

@@ -28,7 +28,8 @@ def _entry(rank: int, world_size: int, port: int, target: Callable[..., None], a
     try:
         target(rank, world_size, *args)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # code under test may have left the group already
+            torch.distributed.destroy_process_group()
 
 
 def math_case(reduce) -> dict[str, torch.Tensor]:
@@ -130,3 +131,40 @@ def train_case(rank: int, world_size: int, name: str, data: str, out: str, fail_
                        reduce=RowReduce(rank, world_size))
     finally:
         torch.optim.Adam.step = original_step
+
+
+def compare_case(rank: int, world_size: int, train_data: str, eval_data: str, root: str, out: str) -> None:
+    """``run_compare`` as ``smedit compare`` runs it under torchrun: every rank trains, rank 0 edits and scores.
+
+    Each rank writes how often it trained and with how many ranks to ``out + ".rank<r>.json"``; rank 0
+    also writes its rows to ``out``.
+    """
+    import json
+
+    from smedit_plugin.compare import run_compare
+    from smedit_plugin.hypernet import runner
+    from smedit_plugin.testing import tiny_model
+
+    trained: list[int] = []
+    original = runner.train_hypernet
+
+    def counting(*args, **kwargs):
+        trained.append(kwargs["reduce"].world_size)
+        return original(*args, **kwargs)
+
+    runner.train_hypernet = counting
+    model, tok = tiny_model("smollm2")
+    rows = run_compare(compare_config(train_data, eval_data, root), model=model, tok=tok)
+    Path(f"{out}.rank{rank}.json").write_text(json.dumps({"trained": trained, "rows": len(rows),
+                                                          "in_group": torch.distributed.is_initialized()}))
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def compare_config(train_data: str, eval_data: str, root: str):
+    """SMEdit and MALMEN2 batch editing of 8 facts with archives trained on 16 records (4 micro-batches a batch)."""
+    from smedit_plugin.compare import CompareConfig
+
+    return CompareConfig(model="smollm2-135m", dataset="zsre", train_data=Path(train_data), eval_data=Path(eval_data),
+                         methods=["SMEdit", "MALMEN2[micro_batch_size=2]"], protocol="batch", n_edits=8,
+                         archive_root=Path(root), progress=False)

@@ -140,3 +140,54 @@ def test_smedit_train_under_torchrun_writes_the_one_process_archive(tmp_path, zs
     _HP_OF[str(tmp_path / "alone")] = _HP_OF[str(tmp_path / "ranks")] = hp
     one, two = _archive_tensors(tmp_path / "alone"), _archive_tensors(tmp_path / "ranks")
     assert_same_training(one, two, _initial_tensors("SMEdit"))
+
+
+def test_compare_under_two_ranks_trains_together_and_rank_0_alone_reports(tmp_path, zsre_train_path,
+                                                                           zsre_eval_path) -> None:
+    """``smedit compare`` under a launcher: both ranks train each archive, rank 0 alone edits and scores, and
+    the rows and archives are those of one process."""
+    import json
+    from pathlib import Path
+
+    from distributed_workers import compare_case, compare_config
+    from smedit_plugin.compare import MethodEntry, run_compare
+    from smedit_plugin.compare.run import _train_hparams
+    from smedit_plugin.testing import tiny_model
+
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps(json.loads(Path(zsre_train_path).read_text())[:16]))
+    rows_file = tmp_path / "rows.json"
+    run_ranks(2, compare_case, str(train), str(zsre_eval_path), str(tmp_path / "split"), str(rows_file))
+    ranks = [json.loads(Path(f"{rows_file}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["trained"] for r in ranks] == [[2, 2], [2, 2]]  # each archive trained once, by both ranks together
+    assert [r["rows"] for r in ranks] == [3, 0] and not any(r["in_group"] for r in ranks)
+    split = json.loads(rows_file.read_text())
+    cfg = compare_config(str(train), str(zsre_eval_path), str(tmp_path / "single"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = tiny_model("smollm2")
+        single = run_compare(cfg, model=model, tok=tok)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["method"] for r in split] == [r["method"] for r in single] == ["unedited", *cfg.methods]
+    assert split[0]["efficacy"] == single[0]["efficacy"]
+    for one, two in zip(single[1:], split[1:]):
+        assert Path(one["archive"]).name == Path(two["archive"]).name  # the same training settings
+        hp = _train_hparams(cfg, MethodEntry.parse(one["method"]))
+        _HP_OF[one["archive"]] = _HP_OF[two["archive"]] = hp
+        torch.manual_seed(hp.seed)
+        from smedit_plugin.hypernet.editor import HypernetEditor
+
+        initial = dict(HypernetEditor(tiny_model("smollm2")[0], hp).state_dict())
+        assert_same_training(_archive_tensors_of(one["archive"]), _archive_tensors_of(two["archive"]), initial)
+        for metric in ("efficacy", "generalization", "specificity"):
+            assert abs(one[metric] - two[metric]) <= 0.02, (one["method"], metric, one[metric], two[metric])
+
+
+def _archive_tensors_of(path: str) -> dict[str, torch.Tensor]:
+    from smedit_plugin.hypernet.archive import load_archive
+    from smedit_plugin.testing import tiny_model
+
+    editor, _ = load_archive(path, tiny_model("smollm2")[0], case_hparams_of(path))
+    return {k: v.detach().clone() for k, v in editor.state_dict().items()}

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypedDict
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,9 +25,14 @@ from ..easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_thro
 from ..editing import WeightsSnapshot
 from ..evaluation import evaluate_records, predict_locality_reference
 from ..fileio import cache_dir
+from ..hypernet.distributed import SINGLE, RowReduce, launched_world
 from ..methods import METHODS
 from .config import (AVERAGED_METRICS, METRIC_NAMES, CompareConfig, MethodEntry, builtin_hparams_dir, check_config,
                      method_hparams, method_hparams_for)
+
+if TYPE_CHECKING:
+    from ..hypernet.hparams import HypernetHyperParams
+    from ..hypernet.runner import TrainedArchive
 
 Probe = Callable[[int], None]
 
@@ -117,18 +122,32 @@ def _average(metrics: dict[str, Any]) -> float:
     return sum(metrics[k] for k in AVERAGED_METRICS) / len(AVERAGED_METRICS)
 
 
+def _train_hparams(cfg: CompareConfig, entry: MethodEntry) -> "HypernetHyperParams":
+    """The TRAINING hparams of a hypernetwork entry under the run's protocol: one budget for every method."""
+    train_hp = method_hparams_for(entry.method, cfg.model, training=True, sequential=cfg.protocol == "sequential")
+    return train_hp.replace(**entry.overrides, n_edits=cfg.n_edits, num_seq=cfg.num_seq, val_n_edits=cfg.n_edits,
+                            max_steps=-1)
+
+
+def train_entry(cfg: CompareConfig, model: nn.Module, tok: Any, train: Sequence[EditRecord], entry: MethodEntry,
+                reduce: RowReduce = SINGLE) -> "TrainedArchive":
+    """Train (or reuse) the archive of a hypernetwork entry; under a launcher every rank trains its share."""
+    from ..hypernet.runner import train_or_reuse
+
+    return train_or_reuse(model, tok, _train_hparams(cfg, entry), train, train_data=cfg.train_data,
+                          model_key=cfg.model, dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
+                          label=cfg.protocol, retrain=cfg.retrain, progress=cfg.progress and reduce.is_first,
+                          reduce=reduce)
+
+
 def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
     """A hypernetwork method: train or reuse its archive, edit the batches (they accumulate), score, roll back."""
     from ..hypernet.archive import load_archive
-    from ..hypernet.runner import edit_and_evaluate, train_or_reuse
+    from ..hypernet.runner import edit_and_evaluate
 
     cfg = ctx.cfg
-    train_hp = method_hparams_for(entry.method, cfg.model, training=True, sequential=cfg.protocol == "sequential")
-    train_hp = train_hp.replace(**entry.overrides, n_edits=cfg.n_edits, num_seq=cfg.num_seq, val_n_edits=cfg.n_edits,
-                                max_steps=-1)
-    trained = train_or_reuse(ctx.model, ctx.tok, train_hp, ctx.train, train_data=cfg.train_data, model_key=cfg.model,
-                             dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
-                             label=cfg.protocol, retrain=cfg.retrain, progress=cfg.progress)
+    train_hp = _train_hparams(cfg, entry)
+    trained = train_entry(cfg, ctx.model, ctx.tok, ctx.train, entry)
     editor, _ = load_archive(trained.path, ctx.model, train_hp)
     with ctx.edit_bar(entry.text) as bar:
         metrics = edit_and_evaluate(ctx.model, ctx.tok, editor, list(ctx.evaluation), n_edits=cfg.n_edits,
@@ -267,10 +286,36 @@ def _runner(entry: MethodEntry) -> Callable[[RunContext, MethodEntry, Optional[P
     return hypernet_row if METHODS[entry.method].needs_archive else locate_row
 
 
+def train_distributed(cfg: CompareConfig, entries: Sequence[MethodEntry], train: Sequence[EditRecord],
+                      model: Optional[nn.Module], tok: Any) -> tuple[bool, nn.Module, Any]:
+    """Under ``torchrun`` / ``accelerate launch``: every rank trains the archives of the run together.
+
+    Returns ``(is_first, model, tok)``. Afterwards the ranks leave the process group; rank 0 alone goes
+    on to edit and score (it reuses the archives just written), the others have nothing left to do.
+    """
+    from ..hypernet.distributed import init_from_environment, shutdown
+
+    reduce, device = init_from_environment()
+    try:
+        if model is None:
+            from ..models import load_model_and_tokenizer
+
+            model, tok = load_model_and_tokenizer(cfg.model, device=device)
+        for entry in entries:
+            if not entry.builtin and METHODS[entry.method].needs_archive:
+                train_entry(cfg, model, tok, train, entry, reduce)
+        reduce.barrier()
+    finally:
+        shutdown(reduce)
+    return reduce.is_first, model, tok
+
+
 def run_compare(cfg: CompareConfig, model: Optional[nn.Module] = None, tok: Any = None) -> list[dict[str, Any]]:
     """Train/evaluate every method of ``cfg`` and return one row per method, after the unedited model's row.
 
-    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files).
+    ``model``/``tok`` replace loading ``cfg.model`` (whose name still picks the hparams files). Under a
+    data-parallel launcher the archives are trained by all ranks first; rank 0 returns the rows, every
+    other rank an empty list.
     """
     check_config(cfg)
     if cfg.locate:
@@ -284,6 +329,11 @@ def run_compare(cfg: CompareConfig, model: Optional[nn.Module] = None, tok: Any 
     evaluation = load_records(cfg.eval_data, cfg.dataset)[:total]
     if len(evaluation) < total:
         raise ValueError(f"{cfg.eval_data} has {len(evaluation)} usable records, fewer than n_edits * num_seq = {total}")
+    if launched_world()[1] > 1:
+        is_first, model, tok = train_distributed(cfg, entries, train, model, tok)
+        if not is_first:
+            return []
+        cfg = dataclasses.replace(cfg, retrain=False)  # the archives were trained just now
     if model is None:
         from ..models import load_model_and_tokenizer
 

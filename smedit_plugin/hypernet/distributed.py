@@ -77,6 +77,15 @@ class RowReduce:
         if self.active:
             torch.distributed.barrier()
 
+    def decided_by_first(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank: one decision taken from rank 0's view of the files (on several
+        nodes the other ranks may not see the same disk, and disagreeing ranks would wait on each other)."""
+        if not self.active:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 #: The reducer of a single process.
 SINGLE = RowReduce()

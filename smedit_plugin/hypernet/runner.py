@@ -246,22 +246,25 @@ def archive_path(train_hp: HypernetHyperParams, *, train_data: Path, model_key: 
 
 def ensure_trained(model: nn.Module, tok, train_hp: HypernetHyperParams, train_records: Sequence[EditRecord],
                    archive: Path, *, model_key: str, dataset: str, retrain: bool = False,
-                   progress: bool = True) -> TrainedArchive:
-    """``archive`` as it is when a completed training wrote it, else trained (or resumed, unless ``retrain``) now."""
-    if not retrain and is_versioned_dir(archive):
-        meta = read_meta(archive)
-        if meta.get("complete"):
-            return TrainedArchive(archive, meta.get("train_s_per_edit"))
+                   progress: bool = True, reduce: RowReduce = SINGLE) -> TrainedArchive:
+    """``archive`` as it is when a completed training wrote it, else trained (or resumed, unless ``retrain``) now.
+
+    Under a data-parallel launcher rank 0 decides whether the archive is complete, so all ranks either
+    reuse it or train it together."""
+    meta = read_meta(archive) if not retrain and is_versioned_dir(archive) else {}
+    complete, seconds = reduce.decided_by_first((bool(meta.get("complete")), meta.get("train_s_per_edit")))
+    if complete:
+        return TrainedArchive(archive, seconds)
     result = train_hypernet(model, tok, train_hp, train_records, archive, model_name=model_key, dataset=dataset,
-                            progress=progress, resume=not retrain, overwrite=retrain)
+                            progress=progress, resume=not retrain, overwrite=retrain, reduce=reduce)
     return TrainedArchive(archive, result.seconds_per_edit, result)
 
 
 def train_or_reuse(model: nn.Module, tok, train_hp: HypernetHyperParams, train_records: Sequence[EditRecord], *,
                    train_data: Path, model_key: str, dataset: str, root: Path, label: str, retrain: bool = False,
-                   progress: bool = True) -> TrainedArchive:
+                   progress: bool = True, reduce: RowReduce = SINGLE) -> TrainedArchive:
     """The cached archive of these training settings under ``root`` (:func:`archive_fingerprint` is the one key)."""
     archive = archive_path(train_hp, train_data=train_data, model_key=model_key, dataset=dataset, root=root,
                            label=label)
     return ensure_trained(model, tok, train_hp, train_records, archive, model_key=model_key, dataset=dataset,
-                          retrain=retrain, progress=progress)
+                          retrain=retrain, progress=progress, reduce=reduce)
