@@ -36,9 +36,9 @@ time, from the outside:
   reference appends, ``loc_ans``), so both sides see the same prompts. Only ``n_train`` training and
   ``n_edits * num_seq`` evaluation records are written, so its shuffling only permutes them.
 
-The model folder is converted by our venv (``$SMEDIT_CACHE``, default ``~/.cache/smedit``) and must load
-with the reference venv's transformers: a folder re-saved by transformers 5 (``"tokenizer_class":
-"TokenizersBackend"``) does not load with 4.x, so give this run its own ``SMEDIT_CACHE`` then.
+The model folder of each side is converted from the same GGUF by our converter under that side's
+transformers (``$SMEDIT_CACHE``, default ``~/.cache/smedit``; the reference venv runs it with this
+checkout on ``PYTHONPATH``): a folder written by transformers 5 does not load faithfully with 4.x.
 
 Variants of our side for ablations: ``--ours "MALMEN2[rank=1024,reference_adam_duplicates=true,layers=reference]"``;
 ``layers=reference`` edits the official run's modules, other fields override the TRAINING YAML
@@ -282,6 +282,21 @@ def _spawn(python: str, worker_args: list[str]) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def reference_model_path(python: str, model: str) -> str:
+    """The packaged model converted under the reference venv's transformers, by our converter run there.
+
+    A folder written under another major transformers release does not load faithfully (transformers 5
+    writes ``TokenizersBackend`` and ``rope_parameters``, which 4.x does not read), so each side loads the
+    conversion its own release made from the same GGUF weights."""
+    code = "import sys; from smedit_plugin.gguf_convert import ensure_converted; print(ensure_converted(sys.argv[1]))"
+    done = subprocess.run([python, "-c", code, model], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise SystemExit(f"converting {model} under {python} failed (it needs our package's dependencies there):\n"
+                         + done.stderr[-2000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Fixed-width table: metrics in percent, seconds per edit, peak RSS."""
     head = ["impl", "method", "protocol", "ES %", "GS %", "LS %", "train s/edit", "edit s/edit", "peak RSS MB"]
@@ -363,7 +378,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     shipped = method_hparams("SMEdit", args.model, training=True)
     rank = args.rank or shipped.rank
     modules = REFERENCE_LAYERS if args.reference_layers else (args.edit_modules or list(shipped.edit_modules))
-    model_path = str(ensure_converted(args.model))
+    ensure_converted(args.model)  # our side's folder (this venv's transformers)
+    model_path = reference_model_path(args.reference_python, args.model) if not args.skip_reference else ""
     common = ["--model", args.model, "--dtype", args.dtype, "--train-data", str(args.train_data),
               "--eval-data", str(args.eval_data), "--n-train", str(args.n_train), "--n-edits", str(args.n_edits),
               "--num-seq", str(args.num_seq), "--micro-batch-size", str(args.micro_batch_size), "--rank", str(rank),
