@@ -93,6 +93,22 @@ def tiny() -> Callable[..., tuple[Any, Any]]:
     return make
 
 
+@pytest.fixture()
+def direct_call_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin "no EasyEdit loaded" for tests that call the apply functions directly, so an earlier test that
+    imported the 2023 wheel (era A, where ``keep_original_weight=False`` returns ``{}``) cannot change them.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("direct_call_semantics")``."""
+    from smedit_plugin import editing
+
+    monkeypatch.setattr(editing, "detect_era", lambda **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder for one test module's covariance statistics (COMEBA-HK / MEMIT-C layer stats)."""
+    return str(tmp_path_factory.mktemp("comeba_stats"))
+
+
 @pytest.fixture(scope="session")
 def easyeditor() -> Any:
     """The installed EasyEdit (2023 wheel or GitHub source) imported the plugin's way, or skip the test."""

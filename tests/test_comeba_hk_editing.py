@@ -36,18 +36,7 @@ MORE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def direct_call_semantics(monkeypatch):
-    """These tests call the apply function directly: pin "no EasyEdit loaded" so that an earlier test
-    importing the 2023 wheel (era A, where keep_original_weight=False returns {}) cannot change them."""
-    from smedit_plugin import editing
-
-    monkeypatch.setattr(editing, "detect_era", lambda **kwargs: None)
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("comeba_stats"))
+pytestmark = pytest.mark.usefixtures("direct_call_semantics")
 
 
 def _always_firing(hp: COMEBAHKHyperParams) -> COMEBAHKHyperParams:

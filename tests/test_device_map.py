@@ -18,8 +18,9 @@ from smedit_plugin.tfcompat import transformers_version
 # The harness's two "GPUs" are meta:0 / meta:1 wrappers; transformers 4.x's rotary embedding opens
 # torch.autocast(device_type=<the tensor's device type>), which torch refuses for "meta" ("unsupported
 # scalarType"). That is the harness, not the code under test, so these run on transformers 5 (CI leg 1).
-pytestmark = pytest.mark.skipif(transformers_version().major < 5,
-                                reason="fake-GPU harness needs transformers >= 5 (4.x rotary autocast rejects meta)")
+pytestmark = [pytest.mark.skipif(transformers_version().major < 5,
+                                 reason="fake-GPU harness needs transformers >= 5 (4.x rotary autocast rejects meta)"),
+              pytest.mark.usefixtures("direct_call_semantics")]
 from smedit_plugin.hypernet.editor import HypernetEditor
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.testing import tiny_model
@@ -30,13 +31,6 @@ from test_comeba_hk_editing import LLAMA, REQUESTS
 #: The upper half of a 4-layer model and the head on the second GPU, the rest on the first.
 SECOND_HALF = ["model.layers.2", "model.layers.3", "model.norm", "lm_head"]
 EDIT_MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.3.mlp.down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def direct_call_semantics(monkeypatch):
-    from smedit_plugin import editing
-
-    monkeypatch.setattr(editing, "detect_era", lambda **kwargs: None)
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smedit_plugin import cli, editing, fileio
+from smedit_plugin import cli, fileio
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model, load_hook_state, save_hook_state
 from smedit_plugin.comeba_hk import main as comeba_main
 from smedit_plugin.comeba_hk import state as state_module
@@ -53,10 +53,7 @@ REQUESTS = [
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.fixture(autouse=True)
-def direct_call_semantics(monkeypatch):
-    """Direct calls of the apply functions: pin "no EasyEdit loaded" whatever an earlier test imported."""
-    monkeypatch.setattr(editing, "detect_era", lambda **kwargs: None)
+pytestmark = pytest.mark.usefixtures("direct_call_semantics")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,7 @@ from smedit_plugin.testing import tiny_model
 from test_comeba_hk_editing import REQUESTS, _always_firing, _hp
 
 
-@pytest.fixture(autouse=True)
-def direct_call_semantics(monkeypatch):
-    from smedit_plugin import editing
-
-    monkeypatch.setattr(editing, "detect_era", lambda **kwargs: None)
-
-
-@pytest.fixture(scope="module")
-def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("comeba_stats"))
+pytestmark = pytest.mark.usefixtures("direct_call_semantics")
 
 
 @pytest.mark.parametrize("mom2_dtype", ["float32", "float64"])
