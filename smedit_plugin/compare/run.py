@@ -129,12 +129,13 @@ def _train_hparams(cfg: CompareConfig, entry: MethodEntry) -> "HypernetHyperPara
                             max_steps=-1)
 
 
-def train_entry(cfg: CompareConfig, model: nn.Module, tok: Any, train: Sequence[EditRecord], entry: MethodEntry,
-                reduce: RowReduce = SINGLE) -> "TrainedArchive":
-    """Train (or reuse) the archive of a hypernetwork entry; under a launcher every rank trains its share."""
+def train_entry(cfg: CompareConfig, model: nn.Module, tok: Any, train: Sequence[EditRecord],
+                train_hp: "HypernetHyperParams", reduce: RowReduce = SINGLE) -> "TrainedArchive":
+    """Train (or reuse) the archive of ``train_hp`` (:func:`_train_hparams`); under a launcher every rank
+    trains its share."""
     from ..hypernet.runner import train_or_reuse
 
-    return train_or_reuse(model, tok, _train_hparams(cfg, entry), train, train_data=cfg.train_data,
+    return train_or_reuse(model, tok, train_hp, train, train_data=cfg.train_data,
                           model_key=cfg.model, dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
                           label=cfg.protocol, retrain=cfg.retrain, progress=cfg.progress and reduce.is_first,
                           reduce=reduce)
@@ -147,7 +148,7 @@ def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) ->
 
     cfg = ctx.cfg
     train_hp = _train_hparams(cfg, entry)
-    trained = train_entry(cfg, ctx.model, ctx.tok, ctx.train, entry)
+    trained = train_entry(cfg, ctx.model, ctx.tok, ctx.train, train_hp)
     editor, _ = load_archive(trained.path, ctx.model, train_hp)
     with ctx.edit_bar(entry.text) as bar:
         metrics = edit_and_evaluate(ctx.model, ctx.tok, editor, list(ctx.evaluation), n_edits=cfg.n_edits,
@@ -303,7 +304,7 @@ def train_distributed(cfg: CompareConfig, entries: Sequence[MethodEntry], train:
             model, tok = load_model_and_tokenizer(cfg.model, device=device)
         for entry in entries:
             if not entry.builtin and METHODS[entry.method].needs_archive:
-                train_entry(cfg, model, tok, train, entry, reduce)
+                train_entry(cfg, model, tok, train, _train_hparams(cfg, entry), reduce)
         reduce.barrier()
     finally:
         shutdown(reduce)
