@@ -28,7 +28,7 @@ def _arguments(tmp: Path) -> dict[str, list[str]]:
     return {
         "batch_edit_smedit": tiny + ["--train-records", "8", "--train-batch", "4", "--max-steps", "1", "--rank", "8",
                                      "--n-edits", "4", "--archive", str(tmp / "smedit-archive"), "--no-progress"],
-        "sequential_rledit2": tiny + ["--train-records", "4", "--n-edits", "2", "--num-seq", "2", "--max-steps", "1",
+        "sequential_rledit2": tiny + ["--train-records", "8", "--n-edits", "2", "--num-seq", "2", "--max-steps", "1",
                                       "--rank", "8", "--archive", str(tmp / "rledit2-archive"), "--no-progress"],
         "consecutive_comeba_hk": tiny + ["--batches", "2", "--batch-size", "2", "--z-steps", "2", "--cov-samples", "20",
                                          "--stats-dir", str(tmp / "stats")],
