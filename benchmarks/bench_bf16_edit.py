@@ -20,7 +20,7 @@ DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_eval.json"
 def main() -> None:
     import torch
 
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
     from smedit_plugin.evaluation import METRICS
     from smedit_plugin.hparams import load_hparams
     from smedit_plugin.hypernet.archive import load_archive

@@ -27,7 +27,8 @@ def worker(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     from smedit_plugin.comeba_hk import apply_comeba_hk_to_model
-    from smedit_plugin.data import load_records, to_requests
+    from smedit_plugin.records import load_records
+    from smedit_plugin.requests import to_requests
     from smedit_plugin.hparams import load_hparams
     from smedit_plugin.models import load_model_and_tokenizer
 

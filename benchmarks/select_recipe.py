@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smedit_plugin.compare import method_hparams  # noqa: E402
-from smedit_plugin.data import load_records  # noqa: E402
+from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.runner import train_hypernet  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402

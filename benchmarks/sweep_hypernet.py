@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smedit_plugin.compare import method_hparams  # noqa: E402
-from smedit_plugin.data import load_records  # noqa: E402
+from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.archive import load_archive  # noqa: E402

@@ -101,7 +101,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from smedit_plugin.compare import method_hparams
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.archive import load_archive
     from smedit_plugin.hypernet.runner import edit_and_evaluate, train_hypernet
     from smedit_plugin.models import load_model_and_tokenizer
@@ -147,7 +147,7 @@ def reference_settings(method: str, model: str) -> dict[str, float]:
 
 def write_reference_data(args: argparse.Namespace, folder: Path) -> tuple[Path, Path]:
     """Our loader's records in the reference's ZsRE fields (same prompts on both sides)."""
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
 
     def rows(records: list) -> list[dict[str, str]]:
         out = []

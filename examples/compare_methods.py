@@ -21,7 +21,7 @@ from pathlib import Path
 from example_utils import add_model_argument, load_model
 
 from smedit_plugin.compare import CompareConfig, format_table, run_compare
-from smedit_plugin.data import sample_path
+from smedit_plugin.records import sample_path
 from smedit_plugin.fileio import write_json_atomic
 from smedit_plugin.fileio import cache_dir
 

@@ -34,7 +34,8 @@ from example_utils import add_model_argument, load_model, load_sample, scores, t
 
 from smedit_plugin.comeba_hk import apply_comeba_hk_to_model, load_hook_state, remove_hook_layers, save_hook_state
 from smedit_plugin.compare import method_hparams
-from smedit_plugin.data import sample_path, to_requests
+from smedit_plugin.records import sample_path
+from smedit_plugin.requests import to_requests
 from smedit_plugin.devices import model_input_device
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference
 from smedit_plugin.fileio import write_json_atomic

@@ -12,7 +12,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from smedit_plugin import easyedit
-from smedit_plugin.data import EditRecord, load_records, to_edit_kwargs, to_requests
+from smedit_plugin.easyedit_editor import load_editor
+from smedit_plugin.records import EditRecord, load_records
+from smedit_plugin.requests import to_edit_kwargs, to_requests
 from smedit_plugin.evaluation import METRICS
 from smedit_plugin.fileio import cache_dir
 from smedit_plugin.models import load_model_and_tokenizer
@@ -90,7 +92,7 @@ def easyedit_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> tuple[Opt
         return None, None
     report = register()
     try:
-        editor = easyedit.load_editor(hparams, model=model, tokenizer=tok)
+        editor = load_editor(hparams, model=model, tokenizer=tok)
     except RuntimeError as exc:
         if report.era != "A":
             raise

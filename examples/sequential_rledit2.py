@@ -25,7 +25,7 @@ from example_utils import (add_model_argument, default_archive, easyedit_editor,
                            load_sample, scores, summarise_easyedit, table, train_or_reuse)
 
 from smedit_plugin.compare import method_hparams
-from smedit_plugin.data import sample_path
+from smedit_plugin.records import sample_path
 from smedit_plugin.evaluation import evaluate_records
 from smedit_plugin.fileio import write_json_atomic
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .methods import METHODS
-
-__version__ = "0.1.0"
 
 _EXPORTS = {
     **{attr: module for spec in METHODS.values() for module, attr in
        (spec.hparams_path.split(":"), spec.apply_path.split(":"))},
     "register": "smedit_plugin.registry",
     "METHODS": "smedit_plugin.methods",
-    "load_editor": "smedit_plugin.easyedit",
+    "load_editor": "smedit_plugin.easyedit_editor",
     "install_transformers_shim": "smedit_plugin.easyedit",
     "load_hparams": "smedit_plugin.hparams",
     "HyperParamsError": "smedit_plugin.errors",

@@ -29,7 +29,7 @@ def setup_bench(parser: argparse.ArgumentParser) -> Runner:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .compare import method_hparams, peak_rss_mb
-    from .data import load_records, sample_path
+    from .records import load_records, sample_path
     from .fileio import write_json_atomic
     from .hypernet.editor import edit_batch
     from .hypernet.archive import load_archive

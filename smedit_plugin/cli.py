@@ -71,7 +71,7 @@ def _chosen_command(argv: Sequence[str]) -> Optional[str]:
 
 def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
     """The top-level parser; only the subcommand named in ``argv`` gets its full options."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="smedit", description=f"{', '.join(METHODS)} for EasyEdit")
     parser.add_argument("--version", action="version", version=f"smedit-plugin {__version__}")
@@ -138,7 +138,7 @@ def info_lines() -> list[str]:
     import torch
     import transformers
 
-    from . import __version__
+    from ._version import __version__
     from .fileio import cache_dir
     from .gguf_convert import PRETRAINED, converted_model_dir
 
@@ -216,8 +216,8 @@ def setup_base_eval(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_base_eval(args: argparse.Namespace) -> int:
-    from . import __version__
-    from .data import detect_dataset, load_records, sample_path
+    from ._version import __version__
+    from .records import detect_dataset, load_records, sample_path
     from .evaluation import evaluate_records
     from .fileio import write_json_atomic
     from .models import load_model_and_tokenizer

@@ -34,7 +34,7 @@ def setup_train(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .data import detect_dataset, load_records
+    from .records import detect_dataset, load_records
     from .hparams import load_hparams
     from .hypernet.distributed import init_from_environment, launched_world, shutdown
     from .hypernet.hparams import HypernetHyperParams

@@ -37,7 +37,7 @@ def setup_demo(parser: argparse.ArgumentParser) -> Runner:
 
 def demo_records(n_edits: int) -> list:
     """The first ``n_edits`` packaged evaluation facts with distinct subjects."""
-    from .data import load_records, sample_path
+    from .records import load_records, sample_path
 
     if n_edits < 1:
         raise ValueError(f"--n-edits must be a positive integer, got {n_edits}")
@@ -88,7 +88,7 @@ def gives_target(answer: str, target: str) -> bool:
 
 def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool, progress: bool) -> tuple[Path, float]:
     """Hypernetwork methods: the cached archive trained on the packaged training facts (trained now if missing)."""
-    from .data import load_records, sample_path
+    from .records import load_records, sample_path
     from .fileio import cache_dir
     from .hparams import load_hparams
     from .hypernet.runner import train_or_reuse
@@ -107,7 +107,7 @@ def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .data import to_requests
+    from .requests import to_requests
     from .evaluation import evaluate_records
     from .fileio import write_json_atomic
     from .gguf_convert import is_converted

@@ -19,7 +19,8 @@ import torch
 
 from tqdm.auto import tqdm
 
-from .data import EditRecord, to_edit_kwargs
+from .records import EditRecord
+from .requests import to_edit_kwargs
 
 EASYEDIT_PREFIX = "easyedit:"
 
@@ -168,7 +169,7 @@ def summarise_metrics(metrics: Sequence[dict[str, Any]]) -> dict[str, Optional[f
 
 
 def editor_kwargs(records: Sequence[EditRecord], *, batch: bool, era: Optional[str]) -> dict[str, Any]:
-    """:func:`~smedit_plugin.data.to_edit_kwargs` under the names the installed editor's ``edit``/``batch_edit`` take.
+    """:func:`~smedit_plugin.requests.to_edit_kwargs` under the names the installed editor's ``edit``/``batch_edit`` take.
 
     The 2023 wheel's ``batch_edit`` has no ``locality_inputs``/``portability_inputs`` parameters: it
     passes its ``locality_prompts`` and ``locality_ground_truth`` on to ``_prepare_requests`` in
@@ -194,7 +195,8 @@ def run_through_editor(hparams: Any, model: torch.nn.Module, tok: Any, records: 
     ``edit_seconds`` times only the method's apply function, not EasyEdit's own before/after
     evaluation; ``bar`` advances by each chunk's edits.
     """
-    from .easyedit import detect_era, load_editor
+    from .easyedit import detect_era
+    from .easyedit_editor import load_editor
     from .registry import register
 
     module = import_runnable_easyedit()

@@ -21,16 +21,15 @@ first, then over records, so a record with ten neighbours weighs as much as one 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Iterator, Optional, Sequence, cast
+from typing import Any, Optional, Sequence, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DATASETS, EditRecord
-from .hypernet.losses import answer_labels, answer_logits
+from .answers import answer_labels, answer_logits, eval_mode
+from .records import DATASETS, EditRecord
 from .text import iter_micro_batches, label_lengths
 
 LOCALITY_MODES = ("gold", "agreement")
@@ -65,17 +64,6 @@ def token_accuracy(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float((predicted == target).float().mean())
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while scoring, the caller's mode back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def score_answers(
     model: nn.Module,
     tokenizer: Any,
@@ -93,7 +81,7 @@ def score_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
     batches = iter_micro_batches(tokenizer, [prompts[i] for i in order], [answers[i] for i in order], batch_size)
     scored: list[Optional[ScoredAnswer]] = [None] * len(order)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for indices, batch in batches:
             logits = answer_logits(model, batch).float()
             targets = answer_labels(batch).to(logits.device)

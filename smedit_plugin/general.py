@@ -32,8 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .devices import model_input_device
-from .evaluation import _eval_mode
-from .hypernet.losses import _accepts_logits_to_keep
+from .answers import accepts_logits_to_keep, eval_mode
 from .perplexity import special_prefix, read_text_tokens, token_perplexity
 from .shipped import GLUE_DIR
 from .text import chunks, pad_token_id, tokenize_pair
@@ -113,7 +112,7 @@ _TASKS: dict[str, _TaskSpec] = {
 # --------------------------------------------------------------------------------------------
 
 def default_glue_dir() -> Path:
-    """``$SMEDIT_GLUE_DIR``, else the GLUE-style subsets packaged in ``smedit_plugin/data/glue``."""
+    """``$SMEDIT_GLUE_DIR``, else the GLUE-style subsets packaged in ``smedit_plugin/resources/glue``."""
     root = os.environ.get(GLUE_DIR_ENV)
     return Path(root).expanduser() if root else GLUE_DIR
 
@@ -172,7 +171,7 @@ def load_glue_task(
     if not path.is_file():
         raise FileNotFoundError(
             f"GLUE task {task!r}: {path} not found; pass data_dir=<folder with {task}.json> or set "
-            f"${GLUE_DIR_ENV} (the package ships them in smedit_plugin/data/glue)")
+            f"${GLUE_DIR_ENV} (the package ships them in smedit_plugin/resources/glue)")
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of records")
@@ -211,7 +210,7 @@ def _forward_logits(
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
               "position_ids": position_ids.to(device), "use_cache": False}
     padded = [[offset + p for p in positions] for offset, positions in zip(offsets, wanted)]
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         keep = sorted({p for positions in padded for p in positions})
         # on the CPU: an index tensor there may index the last layer's output on any GPU of a device_map
         logits = model(**inputs, logits_to_keep=torch.tensor(keep)).logits
@@ -270,7 +269,7 @@ def score_choices(
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     if bar is not None:
         bar.reset(total=len(rows))
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for part in chunks(order, batch_size):
             positions = [sorted({position for position, _ in wanted[r]}) for r in part]
             logits = _forward_logits(model, [rows[r] for r in part], positions, pad_token_id(tokenizer), side)

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .devices import model_input_device
-from .evaluation import _eval_mode
+from .answers import eval_mode
 from .shipped import WIKITEXT2_TEST
 
 PathLike = Union[str, os.PathLike]
@@ -54,7 +54,7 @@ def token_perplexity(
     total, count, scored_to = 0.0, 0, 0
     if bar is not None:
         bar.reset(total=math.ceil(max(len(ids) - window, 0) / step) + 1)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for begin in range(0, len(ids), step):
             end = min(begin + window, len(ids))
             first = max(begin if prefix else begin + 1, scored_to)

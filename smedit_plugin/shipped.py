@@ -2,7 +2,7 @@
 
 The repository's top-level ``hparams/`` folder is the one source of the YAMLs; ``setup.cfg`` maps it
 into the package as ``smedit_plugin.hparams_files``, so a wheel and an editable install read the
-same files from any working directory. Data files live in ``smedit_plugin/data``.
+same files from any working directory. Data files live in ``smedit_plugin/resources``.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ def hparams_root() -> Path:
     return Path(str(resources.files(HPARAMS_PACKAGE)))
 
 
-#: The package's own data folder (ZsRE samples, GLUE-style subsets, WikiText-2; see data/SAMPLE.md).
-DATA_DIR = Path(__file__).resolve().parent / "data"
+#: The package's resource folder (ZsRE samples, GLUE-style subsets, WikiText-2; see resources/SAMPLE.md).
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 #: The WikiText-2 test split: MEMIT/COMEBA-HK covariance corpus and the perplexity text.
-WIKITEXT2_TEST = DATA_DIR / "text" / "wikitext-2-raw-test.txt"
+WIKITEXT2_TEST = RESOURCES_DIR / "text" / "wikitext-2-raw-test.txt"
 #: The GLUE-style general-capability subsets.
-GLUE_DIR = DATA_DIR / "glue"
+GLUE_DIR = RESOURCES_DIR / "glue"
 
 
 def shipped_names(root: Union[Path, None] = None) -> list[str]:

@@ -96,7 +96,7 @@ def train_case(rank: int, world_size: int, name: str, data: str, out: str, fail_
 
     Rank 0 also saves the hypernetwork gradients Adam receives at each step to ``out + ".grads.pt"``.
     """
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.distributed import RowReduce
     from smedit_plugin.hypernet.runner import train_hypernet
     from smedit_plugin.hypernet.trainer import MetaTrainer

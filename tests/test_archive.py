@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smedit_plugin.data import load_records
+from smedit_plugin.records import load_records
 from smedit_plugin.hypernet import archive as archive_module
 from smedit_plugin.hypernet.editor import apply_steps
 from smedit_plugin.hypernet.archive import ArchiveError, archive_folder, load_archive, read_meta, save_archive

@@ -86,7 +86,7 @@ def test_base_eval_rejects_bad_input_before_loading_a_model(tmp_path: Path, caps
 
 @pytest.mark.slow
 def test_base_eval_on_smollm2_prints_a_table_and_writes_json(smollm2, tmp_path: Path, capsys) -> None:
-    from smedit_plugin.data import load_records, sample_path
+    from smedit_plugin.records import load_records, sample_path
     from smedit_plugin.evaluation import evaluate_records
 
     out = tmp_path / "results" / "base.json"

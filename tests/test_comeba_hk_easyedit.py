@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from smedit_plugin import easyedit
+from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model
 from smedit_plugin.comeba_hk.state import find_state, state_parameters
-from smedit_plugin.data import load_records, to_edit_kwargs
+from smedit_plugin.records import load_records
+from smedit_plugin.requests import to_edit_kwargs
 from smedit_plugin.registry import register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_consecutive_steps_accumulate_and_restores_are_exact(setup, tmp_path, mo
         monkeypatch.chdir(tmp_path)
         twin_model, _ = tiny("smollm2", n_layers=4)
         expected = _expected_after_two_steps(twin_model, tok, hp, _requests_like_easyedit(kwargs))
-        editor = easyedit.load_editor(hp, model=model, tokenizer=tok)
+        editor = easyedit_editor.load_editor(hp, model=model, tokenizer=tok)
         metrics, edited, _ = editor.batch_edit(**kwargs, sequential_edit=True)
         assert edited is model and len(metrics) == 4
         assert int(find_state(model).steps) == 2

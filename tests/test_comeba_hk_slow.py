@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model, remove_hook_layers
-from smedit_plugin.data import load_zsre, to_requests
+from smedit_plugin.records import load_zsre
+from smedit_plugin.requests import to_requests
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference
 
 ROOT = Path(__file__).resolve().parents[1]

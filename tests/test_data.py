@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smedit_plugin.data import (EditRecord, detect_dataset, load_counterfact, load_records, load_zsre, sample_path,
-                                to_edit_kwargs, to_requests, zsre_locality_prompt)
+from smedit_plugin.records import EditRecord, detect_dataset, load_counterfact, load_records, load_zsre, sample_path, zsre_locality_prompt
+from smedit_plugin.requests import to_edit_kwargs, to_requests
 from smedit_plugin.text import IGNORE_INDEX, build_batch, iter_micro_batches, tokenize_pair
 
 EASYEDIT_REQUEST_KEYS = ["prompt", "target_new", "ground_truth", "portability", "locality", "subject", "rephrase_prompt"]

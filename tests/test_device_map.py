@@ -87,7 +87,7 @@ def test_comeba_hk_step_on_a_spread_model_equals_one_device(tmp_path, alg: str, 
 
 
 def test_hypernetwork_edit_on_a_spread_model_equals_one_device(zsre_eval_path) -> None:
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
 
     records = load_records(zsre_eval_path, dataset="zsre", limit=3)
     hp = MALMEN2HyperParams(model_name="tiny-llama", edit_modules=EDIT_MODULES, rank=4, n_blocks=2, lr=1e-2,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from smedit_plugin import easyedit
+from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from smedit_plugin.hparams import MethodHyperParams
 from smedit_plugin.methods import METHODS, MethodSpec
@@ -159,7 +159,7 @@ def test_register_reports_era_c(registered) -> None:
 def test_load_editor_uses_a_copy_and_a_string_model_name(registered, tokenizer) -> None:
     model = tiny_llama(tokenizer)
     hparams = probe_hparams()
-    editor = easyedit.load_editor(hparams, model=model, tokenizer=tokenizer, name="/runs/tiny-llama")
+    editor = easyedit_editor.load_editor(hparams, model=model, tokenizer=tokenizer, name="/runs/tiny-llama")
     assert editor.model is model and editor.tok is tokenizer
     assert editor.model_name == "llama:tiny-llama"
     assert hparams.model_name == "tiny-llama" and editor.hparams is not hparams
@@ -171,7 +171,7 @@ def test_load_editor_uses_a_copy_and_a_string_model_name(registered, tokenizer) 
 def test_edit_restores_or_accumulates(registered, tokenizer, requests, sequential) -> None:
     model = tiny_llama(tokenizer)
     before = snapshot_state(model)
-    editor = easyedit.load_editor(probe_hparams(), model=model, tokenizer=tokenizer)
+    editor = easyedit_editor.load_editor(probe_hparams(), model=model, tokenizer=tokenizer)
     metrics, edited, weights_copy = editor.edit(**requests, sequential_edit=sequential, verbose=False)
     assert_metrics(metrics, 4)
     assert [m["case_id"] for m in metrics] == [0, 1, 2, 3]
@@ -189,7 +189,7 @@ def test_edit_restores_or_accumulates(registered, tokenizer, requests, sequentia
 def test_batch_edit_restores_or_accumulates(registered, tokenizer, requests, sequential) -> None:
     model = tiny_llama(tokenizer)
     before = snapshot_state(model)
-    editor = easyedit.load_editor(probe_hparams(batch_size=2), model=model, tokenizer=tokenizer)
+    editor = easyedit_editor.load_editor(probe_hparams(batch_size=2), model=model, tokenizer=tokenizer)
     metrics, edited, _ = editor.batch_edit(**requests, sequential_edit=sequential, verbose=False)
     assert_metrics(metrics, 4)
     assert [m["case_id"] for m in metrics] == [0, 1, 0, 1]
@@ -204,7 +204,7 @@ def test_edit_refuses_batch_size_above_one_for_any_method(registered, tokenizer,
     """HEAD's edit() asserts batch_size == 1 even for batchable methods (contract §1.2)."""
     model = tiny_llama(tokenizer)
     before = snapshot_state(model)
-    editor = easyedit.load_editor(probe_hparams(batch_size=2), model=model, tokenizer=tokenizer)
+    editor = easyedit_editor.load_editor(probe_hparams(batch_size=2), model=model, tokenizer=tokenizer)
     with pytest.raises(AssertionError, match="batch_size"):
         editor.edit(**requests, verbose=False)
     assert CALLS == []
@@ -214,7 +214,7 @@ def test_edit_refuses_batch_size_above_one_for_any_method(registered, tokenizer,
 def test_failed_edit_leaves_the_model_untouched(registered, tokenizer, requests, monkeypatch) -> None:
     model = tiny_llama(tokenizer)
     before = snapshot_state(model)
-    editor = easyedit.load_editor(probe_hparams(), model=model, tokenizer=tokenizer)
+    editor = easyedit_editor.load_editor(probe_hparams(), model=model, tokenizer=tokenizer)
     monkeypatch.setitem(FAIL_AFTER_CHANGE, "on", True)
     with pytest.raises(FloatingPointError, match="halfway"):
         editor.edit(**requests, sequential_edit=True, verbose=False)
@@ -240,7 +240,7 @@ def test_load_editor_by_name_from_a_saved_model(registered, tokenizer, requests,
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     hparams = _PlainHyperParams(alg_name=PROBE, model_name=str(directory))
-    editor = easyedit.load_editor(hparams)
+    editor = easyedit_editor.load_editor(hparams)
     assert hparams.model_name == str(directory)
     assert editor.model_name == "llama:saved-tiny-llama"
     assert editor.tok.pad_token is not None

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from smedit_plugin import easyedit
+from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.compare import method_hparams
-from smedit_plugin.data import load_records, to_edit_kwargs
+from smedit_plugin.records import load_records
+from smedit_plugin.requests import to_edit_kwargs
 from smedit_plugin.hypernet.apply import editor_for
 from smedit_plugin.hypernet.editor import apply_steps
 from smedit_plugin.hypernet.runner import train_hypernet
@@ -86,7 +87,7 @@ def test_plugin_methods_accumulate_or_restore_as_the_installed_era_says(setup, t
                 model.get_parameter(name)[...] = value
     elif era == "C":
         monkeypatch.chdir(tmp_path)
-        editor = easyedit.load_editor(hp, model=model, tokenizer=tok)
+        editor = easyedit_editor.load_editor(hp, model=model, tokenizer=tok)
         metrics, edited, _ = editor.batch_edit(**kwargs, sequential_edit=True)
         assert edited is model and len(metrics) == 8
         after = _edit_weights(model, hp)

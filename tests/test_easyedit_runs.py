@@ -19,7 +19,8 @@ import yaml
 
 from smedit_plugin import easyedit
 from smedit_plugin.compare import METRIC_NAMES, CompareConfig, builtin_hparams_dir, format_table, run_compare
-from smedit_plugin.data import load_records, to_requests
+from smedit_plugin.records import load_records
+from smedit_plugin.requests import to_requests
 from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file, editor_kwargs,
                                          import_runnable_easyedit, load_builtin_hparams, run_through_editor,
                                          split_method, summarise_metrics)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from smedit_plugin.data import EditRecord, load_counterfact, load_zsre
+from smedit_plugin.records import EditRecord, load_counterfact, load_zsre
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers, token_accuracy
 from smedit_plugin.hypernet.losses import answer_cross_entropy
 from smedit_plugin.text import build_batch, tokenize_pair

@@ -24,7 +24,7 @@ from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_mode
 from smedit_plugin.comeba_hk import main as comeba_main
 from smedit_plugin.comeba_hk import state as state_module
 from smedit_plugin.comeba_hk.state import StateError, find_state, remove_hook_layers
-from smedit_plugin.data import load_records, sample_path
+from smedit_plugin.records import load_records, sample_path
 from smedit_plugin.errors import HyperParamsError, NonFiniteUpdateError
 from smedit_plugin.hparams import load_hparams
 from smedit_plugin.hypernet import archive as archive_module

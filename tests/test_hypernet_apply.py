@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from smedit_plugin import editing
-from smedit_plugin.data import EditRecord, load_records
+from smedit_plugin.records import EditRecord, load_records
 from smedit_plugin.hypernet import apply as apply_module
 from smedit_plugin.hypernet import editor as editor_module
 from smedit_plugin.hypernet.archive import save_archive

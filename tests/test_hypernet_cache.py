@@ -11,8 +11,9 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
                           LlamaConfig)
 from transformers.pytorch_utils import Conv1D
 
-from smedit_plugin.hypernet import (HyperNet, ModuleCache, add_param_shift_, answer_cross_entropy, answer_labels,
-                                    answer_logits, cache_keys_and_value_grads, kl_locality, predict_param_shift)
+from smedit_plugin.answers import answer_labels, answer_logits
+from smedit_plugin.hypernet import (HyperNet, ModuleCache, add_param_shift_, answer_cross_entropy,
+                                    cache_keys_and_value_grads, kl_locality, predict_param_shift)
 
 F64 = torch.float64
 VOCAB = 128

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from smedit_plugin.data import EditRecord, load_records
+from smedit_plugin.records import EditRecord, load_records
 from smedit_plugin.hypernet.editor import edit_batch
 from smedit_plugin.hypernet.cache import cache_keys_and_value_grads
 from smedit_plugin.hypernet.editor import HypernetEditor

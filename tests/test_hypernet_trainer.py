@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from smedit_plugin.data import EditRecord, load_records
+from smedit_plugin.records import EditRecord, load_records
 from smedit_plugin.hypernet.cache import cache_keys_and_value_grads
 from smedit_plugin.hypernet.editor import HypernetEditor
-from smedit_plugin.hypernet.losses import answer_cross_entropy, answer_logits, kl_locality
+from smedit_plugin.answers import answer_logits
+from smedit_plugin.hypernet.losses import answer_cross_entropy, kl_locality
 from smedit_plugin.hypernet.shifts import accumulate_meta_grad, add_param_shift_, predict_param_shift, weight_grad_in_out
 from smedit_plugin.hypernet.trainer import MetaTrainer
 from smedit_plugin.rledit2.hparams import backtracking_weights

@@ -57,13 +57,13 @@ def test_load_model_for_follows_model_dtype_then_fp16(loader_calls, changes, dty
 
 def test_load_editor_loads_with_the_hparams_dtype_and_parallelism(loader_calls, monkeypatch) -> None:
     """The model is loaded before EasyEdit's editor class is needed, so EasyEdit's import is stubbed out."""
-    from smedit_plugin import easyedit
+    from smedit_plugin import easyedit_editor
 
-    monkeypatch.setattr(easyedit, "import_easyeditor", lambda **kwargs: None)
-    monkeypatch.setattr(easyedit, "detect_era", lambda **kwargs: "C")
+    monkeypatch.setattr(easyedit_editor, "import_easyeditor", lambda **kwargs: None)
+    monkeypatch.setattr(easyedit_editor, "detect_era", lambda **kwargs: "C")
     hp = load_hparams("COMEBA-HK/smollm2-135m").replace(model_dtype="bfloat16", model_parallel=True)
     with pytest.raises(_Loaded):
-        easyedit.load_editor(hp)
+        easyedit_editor.load_editor(hp)
     assert loader_calls[0]["dtype"] == "bfloat16" and loader_calls[0]["model_parallel"] is True
 
 

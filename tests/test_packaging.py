@@ -22,7 +22,7 @@ from smedit_plugin.shipped import export_hparams, shipped_names
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted(p.relative_to(ROOT / "hparams").as_posix() for p in (ROOT / "hparams").rglob("*.yaml"))
 DATA_FILES = sorted(p.relative_to(ROOT / "smedit_plugin").as_posix()
-                    for p in (ROOT / "smedit_plugin" / "data").rglob("*") if p.is_file())
+                    for p in (ROOT / "smedit_plugin" / "resources").rglob("*") if p.is_file())
 
 
 def test_setup_cfg_lists_every_subpackage() -> None:

@@ -116,7 +116,7 @@ def test_bf16_memit_c_step_rounds_fp32_weight_plus_delta_once(stats_dir: str, mo
 @pytest.mark.parametrize("option,inside", [(None, torch.float32), (False, torch.bfloat16)])
 def test_bf16_training_unit_runs_in_float32_edit_weights_and_restores_the_bf16_weights(zsre_train_path, monkeypatch,
                                                                                        option, inside) -> None:
-    from smedit_plugin.data import load_records
+    from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.trainer import MetaTrainer
     from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from smedit_plugin import easyedit
+from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.hparams import HyperParamsError
 from smedit_plugin.methods import METHODS, MethodSpec
 from smedit_plugin.registry import make_easyedit_apply, register
@@ -267,18 +267,18 @@ def test_load_editor_on_the_pypi_wheel_without_cuda_fails_before_loading(ee, mon
     monkeypatch.setattr(models, "load_model_and_tokenizer", must_not_load)
     hparams = MethodHyperParams(alg_name="SMEdit", model_name="smollm2-135m", device=None)
     with pytest.raises(RuntimeError, match=r"PyPI wheel.*cuda:\{device\}.*GitHub source"):
-        easyedit.load_editor(hparams)
+        easyedit_editor.load_editor(hparams)
 
 
 @pytest.mark.parametrize("device, index", [(None, 0), (0, 0), (3, 3), ("1", 1), ("cuda", 0), ("cuda:2", 2)])
 def test_pypi_device_index(device, index) -> None:
-    assert easyedit.pypi_device_index(device) == index
+    assert easyedit_editor.pypi_device_index(device) == index
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda:x", "mps", True])
 def test_pypi_device_index_rejects_what_the_wheel_cannot_use(device) -> None:
     with pytest.raises(ValueError, match="field 'device'"):
-        easyedit.pypi_device_index(device)
+        easyedit_editor.pypi_device_index(device)
 
 
 def test_describe_model_keeps_easyedits_t5_test_truthful() -> None:
@@ -289,9 +289,9 @@ def test_describe_model_keeps_easyedits_t5_test_truthful() -> None:
         gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
         t5 = T5ForConditionalGeneration(T5Config(d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2,
                                                  vocab_size=16))
-    assert easyedit.describe_model(gpt2, "/runs/tiny-gpt2/") == "gpt2:tiny-gpt2"
-    assert easyedit.describe_model(gpt2, "/home/matt5/gpt2") == "gpt2:gpt2"  # EasyEdit would see 't5' in the path
-    assert easyedit.describe_model(gpt2, "/runs/gpt2-ft5") == "gpt2"  # ... and score a decoder as seq2seq
-    assert easyedit.describe_model(gpt2) == "gpt2"
-    assert easyedit.describe_model(t5, "google/t5-small") == "t5:t5-small"
-    assert "t5" in easyedit.describe_model(t5).lower()
+    assert easyedit_editor.describe_model(gpt2, "/runs/tiny-gpt2/") == "gpt2:tiny-gpt2"
+    assert easyedit_editor.describe_model(gpt2, "/home/matt5/gpt2") == "gpt2:gpt2"  # EasyEdit would see 't5' in the path
+    assert easyedit_editor.describe_model(gpt2, "/runs/gpt2-ft5") == "gpt2"  # ... and score a decoder as seq2seq
+    assert easyedit_editor.describe_model(gpt2) == "gpt2"
+    assert easyedit_editor.describe_model(t5, "google/t5-small") == "t5:t5-small"
+    assert "t5" in easyedit_editor.describe_model(t5).lower()

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from ..data import EditRecord, to_requests
+from ..records import EditRecord
+from ..requests import to_requests
 from ..editing import WeightsSnapshot
 from .hparams import COMEBAHKHyperParams
 from .main import apply_comeba_hk_to_model

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypedDict
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import EditRecord, load_records
+from ..records import EditRecord, load_records
 from ..easyedit_runs import (EasyEditUnavailable, load_builtin_hparams, run_through_editor, seed_covariance_from_text,
                              summarise_metrics)
 from ..editing import WeightsSnapshot

@@ -41,7 +41,7 @@ class ArchiveError(ValueError):
 def _versions() -> dict[str, str]:
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"smedit_plugin": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

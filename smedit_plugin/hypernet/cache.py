@@ -13,7 +13,9 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .losses import answer_cross_entropy, answer_mask, check_micro_batch
+from ..answers import check_micro_batch
+from ..text import answer_mask
+from .losses import answer_cross_entropy
 from .prefix import FrozenPrefix, forward_context
 
 DeviceLike = Union[str, torch.device]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import EditRecord
+from ..records import EditRecord
 from ..evaluation import METRICS, evaluate_records
 from ..fileio import MANIFEST, is_versioned_dir, leftovers, read_manifest, remove_leftovers
 from .distributed import SINGLE, RowReduce

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import EditRecord
+from ..records import EditRecord
 from ..editing import WeightsSnapshot
 from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
-from .losses import answer_cross_entropy, answer_logits, kl_locality
+from ..answers import answer_logits
+from .losses import answer_cross_entropy, kl_locality
 from .distributed import SINGLE, RowReduce
 from .prefix import FrozenPrefix, forward_context
 from .shifts import module_shape, to_in_out
