@@ -24,7 +24,7 @@ def main() -> None:
     from smedit_plugin.evaluation import METRICS
     from smedit_plugin.hparams import load_hparams
     from smedit_plugin.hypernet.archive import load_archive
-    from smedit_plugin.hypernet.runner import edit_and_evaluate
+    from smedit_plugin.hypernet.training import edit_and_evaluate
     from smedit_plugin.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model  # noqa: E402
 from smedit_plugin.comeba_hk.state import find_state  # noqa: E402
-from smedit_plugin.records import EditRecord, load_zsre, to_requests  # noqa: E402
+from smedit_plugin.records import EditRecord, load_zsre  # noqa: E402
+from smedit_plugin.requests import to_requests  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402

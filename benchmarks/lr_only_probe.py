@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from smedit_plugin.compare import method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.hypernet.editor import HypernetEditor  # noqa: E402
-from smedit_plugin.hypernet.runner import edit_and_evaluate  # noqa: E402
+from smedit_plugin.hypernet.training import edit_and_evaluate  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre"

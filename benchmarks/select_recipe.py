@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from smedit_plugin.compare import method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
-from smedit_plugin.hypernet.runner import train_hypernet  # noqa: E402
+from smedit_plugin.hypernet.training import train_hypernet  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 from smedit_plugin.table import format_table  # noqa: E402
 

@@ -27,7 +27,7 @@ from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.archive import load_archive  # noqa: E402
-from smedit_plugin.hypernet.runner import edit_and_evaluate, train_hypernet  # noqa: E402
+from smedit_plugin.hypernet.training import edit_and_evaluate, train_hypernet  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre"

@@ -103,7 +103,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from smedit_plugin.compare import method_hparams
     from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.archive import load_archive
-    from smedit_plugin.hypernet.runner import edit_and_evaluate, train_hypernet
+    from smedit_plugin.hypernet.training import edit_and_evaluate, train_hypernet
     from smedit_plugin.models import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ from pathlib import Path
 from example_utils import (add_model_argument, default_archive, easyedit_editor, easyedit_table, edit, load_model,
                            load_sample, scores, summarise_easyedit, table, train_or_reuse)
 
-from smedit_plugin.demo import greedy_answers
+from smedit_plugin.commands.demo import greedy_answers
 from smedit_plugin.compare import method_hparams
 from smedit_plugin.records import sample_path
 from smedit_plugin.evaluation import evaluate_records

@@ -53,7 +53,7 @@ def load_sample(path: Path, limit: Optional[int], what: str) -> list[EditRecord]
 
 def default_archive(model: str, train_hp: Any, train_path: Path, n_train: int) -> Path:
     """The plugin's cache folder for these training settings (the key ``smedit compare`` and the demo use)."""
-    from smedit_plugin.hypernet.runner import archive_path
+    from smedit_plugin.hypernet.training import archive_path
 
     return archive_path(train_hp, train_data=Path(train_path), model_key=model, dataset="zsre",
                         root=cache_dir() / "archives", label=f"example-n{n_train}")
@@ -62,7 +62,7 @@ def default_archive(model: str, train_hp: Any, train_path: Path, n_train: int) -
 def train_or_reuse(model: torch.nn.Module, tok: Any, train_hp: Any, train: Sequence[EditRecord], archive: Path,
                    model_name: str, *, retrain: bool, progress: bool) -> dict[str, Any]:
     """Train the hypernetworks into ``archive`` unless a completed training wrote it already; says which."""
-    from smedit_plugin.hypernet.runner import ensure_trained
+    from smedit_plugin.hypernet.training import ensure_trained
 
     trained = ensure_trained(model, tok, train_hp, train, Path(archive), model_key=model_name, dataset="zsre",
                              retrain=retrain, progress=progress)

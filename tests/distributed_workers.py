@@ -98,7 +98,7 @@ def train_case(rank: int, world_size: int, name: str, data: str, out: str, fail_
     """
     from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.distributed import RowReduce
-    from smedit_plugin.hypernet.runner import train_hypernet
+    from smedit_plugin.hypernet.training import train_hypernet
     from smedit_plugin.hypernet.trainer import MetaTrainer
     from smedit_plugin.testing import tiny_model
 
@@ -142,7 +142,7 @@ def compare_case(rank: int, world_size: int, train_data: str, eval_data: str, ro
     import json
 
     from smedit_plugin.compare import run_compare
-    from smedit_plugin.hypernet import runner
+    from smedit_plugin.hypernet import training as runner
     from smedit_plugin.testing import tiny_model
 
     trained: list[int] = []

@@ -18,7 +18,7 @@ from smedit_plugin.hypernet import archive as archive_module
 from smedit_plugin.hypernet.editor import apply_steps
 from smedit_plugin.hypernet.archive import ArchiveError, archive_folder, load_archive, read_meta, save_archive
 from smedit_plugin.hypernet.editor import HypernetEditor
-from smedit_plugin.hypernet.runner import train_hypernet
+from smedit_plugin.hypernet.training import train_hypernet
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.malmen2.main import apply_malmen2_to_model
 from smedit_plugin.smedit.hparams import SMEditHyperParams

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from smedit_plugin import cli
+from smedit_plugin.commands import base_eval, info
 from smedit_plugin.cli import COMMANDS, CommandSpec, main, register_command
 from smedit_plugin.methods import METHODS
 
@@ -21,7 +22,7 @@ def test_without_a_command_help_is_printed(capsys) -> None:
 
 def test_only_the_chosen_subcommand_is_imported(monkeypatch, capsys) -> None:
     monkeypatch.setitem(COMMANDS, "broken", CommandSpec("never imported unless chosen", "smedit_plugin_missing:setup"))
-    monkeypatch.setattr(cli, "_easyedit_status", lambda: "stubbed")
+    monkeypatch.setattr(info, "_easyedit_status", lambda: "stubbed")
     assert main(["info"]) == 0
     assert "easyeditor: stubbed" in capsys.readouterr().out
     with pytest.raises(ModuleNotFoundError, match="smedit_plugin_missing"):
@@ -30,21 +31,21 @@ def test_only_the_chosen_subcommand_is_imported(monkeypatch, capsys) -> None:
 
 def test_register_command_refuses_silent_replacement(monkeypatch) -> None:
     monkeypatch.setattr(cli, "COMMANDS", dict(COMMANDS))
-    register_command("hello", "says hello", "smedit_plugin.cli:setup_info")
-    assert cli.COMMANDS["hello"].load() is cli.setup_info
+    register_command("hello", "says hello", "smedit_plugin.commands.info:setup")
+    assert cli.COMMANDS["hello"].load() is info.setup
     with pytest.raises(ValueError, match="already exists"):
-        register_command("hello", "again", "smedit_plugin.cli:setup_info")
-    register_command("hello", "again", "smedit_plugin.cli:setup_base_eval", replace=True)
+        register_command("hello", "again", "smedit_plugin.commands.info:setup")
+    register_command("hello", "again", "smedit_plugin.commands.base_eval:setup", replace=True)
     assert cli.COMMANDS["hello"].help == "again"
     with pytest.raises(ValueError, match="module:function"):
-        register_command("bye", "no colon", "smedit_plugin.cli.setup_info")
+        register_command("bye", "no colon", "smedit_plugin.info.setup")
 
 
 def test_info_reports_versions_devices_and_methods(monkeypatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "easyeditor" else real_find_spec(name, *a))
-    lines = dict(line.split(": ", 1) for line in cli.info_lines())
+    lines = dict(line.split(": ", 1) for line in info.info_lines())
     import torch
     import transformers
 
@@ -62,13 +63,13 @@ def test_info_shows_the_easyedit_era_or_why_it_does_not_import(monkeypatch) -> N
                         lambda name, *a: object() if name == "easyeditor" else real_find_spec(name, *a))
     monkeypatch.setattr(easyedit, "import_easyeditor", lambda **kw: object())
     monkeypatch.setattr(easyedit, "detect_era", lambda **kw: "C")
-    assert cli._easyedit_status() == "installed, era C"
+    assert info._easyedit_status() == "installed, era C"
 
     def failing(**kw):
         raise easyedit.EasyEditImportError("cannot import easyeditor (No module named 'av')")
 
     monkeypatch.setattr(easyedit, "import_easyeditor", failing)
-    assert cli._easyedit_status() == "installed but fails to import: cannot import easyeditor (No module named 'av')"
+    assert info._easyedit_status() == "installed but fails to import: cannot import easyeditor (No module named 'av')"
 
 
 def test_base_eval_rejects_bad_input_before_loading_a_model(tmp_path: Path, capsys, monkeypatch) -> None:

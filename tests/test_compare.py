@@ -45,7 +45,7 @@ def test_sequential_compare_rows_curves_and_reuse(tmp_path, tiny, train_file, zs
     def no_training(*args, **kwargs):
         raise AssertionError("a complete archive must be reused, not retrained")
 
-    monkeypatch.setattr("smedit_plugin.hypernet.runner.train_hypernet", no_training)
+    monkeypatch.setattr("smedit_plugin.hypernet.training.train_hypernet", no_training)
     again = run_compare(cfg, model=model, tok=tok)
     assert [r["train_s_per_edit"] for r in again[1:]] == [r["train_s_per_edit"] for r in rows[1:]]
     assert [r["efficacy"] for r in again] == [r["efficacy"] for r in rows]

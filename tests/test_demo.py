@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smedit_plugin.cli import main
-from smedit_plugin.demo import _answers_table, demo_records, gives_target
+from smedit_plugin.commands.demo import _answers_table, demo_records, gives_target
 
 
 def test_demo_facts_are_packaged_evaluation_records_with_distinct_subjects() -> None:

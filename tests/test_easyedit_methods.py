@@ -19,7 +19,7 @@ from smedit_plugin.records import load_records
 from smedit_plugin.requests import to_edit_kwargs
 from smedit_plugin.hypernet.apply import editor_for
 from smedit_plugin.hypernet.editor import apply_steps
-from smedit_plugin.hypernet.runner import train_hypernet
+from smedit_plugin.hypernet.training import train_hypernet
 from smedit_plugin.registry import register
 
 SMALL = dict(rank=8, n_blocks=2, micro_batch_size=2, batch_size=4)

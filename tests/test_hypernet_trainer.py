@@ -452,7 +452,7 @@ def test_validation_loss_falls_when_the_networks_edit_towards_the_targets(tiny4,
 
 
 def test_split_validation_is_seeded_disjoint_and_complete(records) -> None:
-    from smedit_plugin.hypernet.runner import split_validation
+    from smedit_plugin.hypernet.training import split_validation
 
     train, val = split_validation(records, 0.25, seed=3)
     assert len(val) == 3 and len(train) == 9

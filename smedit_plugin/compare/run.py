@@ -32,7 +32,7 @@ from .config import (AVERAGED_METRICS, METRIC_NAMES, CompareConfig, MethodEntry,
 
 if TYPE_CHECKING:
     from ..hypernet.hparams import HypernetHyperParams
-    from ..hypernet.runner import TrainedArchive
+    from ..hypernet.training import TrainedArchive
 
 Probe = Callable[[int], None]
 
@@ -133,7 +133,7 @@ def train_entry(cfg: CompareConfig, model: nn.Module, tok: Any, train: Sequence[
                 train_hp: "HypernetHyperParams", reduce: RowReduce = SINGLE) -> "TrainedArchive":
     """Train (or reuse) the archive of ``train_hp`` (:func:`_train_hparams`); under a launcher every rank
     trains its share."""
-    from ..hypernet.runner import train_or_reuse
+    from ..hypernet.training import train_or_reuse
 
     return train_or_reuse(model, tok, train_hp, train, train_data=cfg.train_data,
                           model_key=cfg.model, dataset=cfg.dataset, root=cfg.archive_root or (cache_dir() / "archives"),
@@ -144,7 +144,7 @@ def train_entry(cfg: CompareConfig, model: nn.Module, tok: Any, train: Sequence[
 def hypernet_row(ctx: RunContext, entry: MethodEntry, probe: Optional[Probe]) -> MethodRow:
     """A hypernetwork method: train or reuse its archive, edit the batches (they accumulate), score, roll back."""
     from ..hypernet.archive import load_archive
-    from ..hypernet.runner import edit_and_evaluate
+    from ..hypernet.training import edit_and_evaluate
 
     cfg = ctx.cfg
     train_hp = _train_hparams(cfg, entry)

@@ -1,4 +1,4 @@
-"""The hypernetwork family's runner: train or reuse an archive (one cache key), edit batches, roll back or keep.
+"""Training hypernetwork archives: train or resume one, or reuse the archive of the same settings (one cache key).
 
 ``smedit train``/``compare``/``demo``, the examples and the benchmarks come through here; the
 weight update itself is always :func:`~smedit_plugin.hypernet.editor.edit_batch`, the same call

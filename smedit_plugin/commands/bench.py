@@ -10,11 +10,11 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import Runner
-from .methods import COMPARE_DEFAULT
+from .base import Runner
+from ..methods import COMPARE_DEFAULT
 
 
-def setup_bench(parser: argparse.ArgumentParser) -> Runner:
+def setup(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default=",".join(COMPARE_DEFAULT))
     parser.add_argument("--n-edits", type=int, default=256, help="facts edited in one batch (default: %(default)s)")
@@ -28,14 +28,14 @@ def setup_bench(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .compare import method_hparams, peak_rss_mb
-    from .records import load_records, sample_path
-    from .fileio import write_json_atomic
-    from .hypernet.editor import edit_batch
-    from .hypernet.archive import load_archive
-    from .hypernet.editor import HypernetEditor
-    from .models import load_model_and_tokenizer
-    from .table import format_table
+    from ..compare import method_hparams, peak_rss_mb
+    from ..records import load_records, sample_path
+    from ..fileio import write_json_atomic
+    from ..hypernet.editor import edit_batch
+    from ..hypernet.archive import load_archive
+    from ..hypernet.editor import HypernetEditor
+    from ..models import load_model_and_tokenizer
+    from ..table import format_table
 
     data = args.data or sample_path("zsre_sample")
     records = load_records(data, "zsre")[: args.n_edits]

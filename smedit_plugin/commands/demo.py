@@ -15,15 +15,15 @@ from typing import Any, Sequence
 
 import torch
 
-from .cli import Runner
-from .table import format_table
+from .base import Runner
+from ..table import format_table
 
 MODEL_KEY = "smollm2-135m"
 METRIC_KEYS = ("efficacy", "generalization", "specificity")
 
 
-def setup_demo(parser: argparse.ArgumentParser) -> Runner:
-    from .methods import DEMO_DEFAULT, METHODS
+def setup(parser: argparse.ArgumentParser) -> Runner:
+    from ..methods import DEMO_DEFAULT, METHODS
 
     parser.add_argument("--method", default=DEMO_DEFAULT, choices=tuple(METHODS),
                         help="method to demonstrate (default: %(default)s, which needs no training)")
@@ -37,7 +37,7 @@ def setup_demo(parser: argparse.ArgumentParser) -> Runner:
 
 def demo_records(n_edits: int) -> list:
     """The first ``n_edits`` packaged evaluation facts with distinct subjects."""
-    from .records import load_records, sample_path
+    from ..records import load_records, sample_path
 
     if n_edits < 1:
         raise ValueError(f"--n-edits must be a positive integer, got {n_edits}")
@@ -53,8 +53,8 @@ def demo_records(n_edits: int) -> list:
 
 def demo_hparams(method: str) -> tuple[Any, str]:
     """``(hparams, shipped name)``: the method's demo recipe for SmolLM2 if one ships, else its regular YAML."""
-    from .hparams import load_hparams
-    from .shipped import shipped_names
+    from ..hparams import load_hparams
+    from ..shipped import shipped_names
 
     name = f"{method}/{MODEL_KEY}-demo"
     if name not in shipped_names():
@@ -65,8 +65,8 @@ def demo_hparams(method: str) -> tuple[Any, str]:
 @torch.no_grad()
 def greedy_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
     """The model's greedy continuation of each prompt, at least as many tokens as the target, first line only."""
-    from .devices import model_input_device
-    from .text import answer_text
+    from ..devices import model_input_device
+    from ..text import answer_text
 
     device = model_input_device(model)
     out = []
@@ -88,10 +88,10 @@ def gives_target(answer: str, target: str) -> bool:
 
 def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool, progress: bool) -> tuple[Path, float]:
     """Hypernetwork methods: the cached archive trained on the packaged training facts (trained now if missing)."""
-    from .records import load_records, sample_path
-    from .fileio import cache_dir
-    from .hparams import load_hparams
-    from .hypernet.runner import train_or_reuse
+    from ..records import load_records, sample_path
+    from ..fileio import cache_dir
+    from ..hparams import load_hparams
+    from ..hypernet.training import train_or_reuse
 
     data = sample_path("zsre_sample")
     start = time.perf_counter()
@@ -107,12 +107,12 @@ def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .requests import to_requests
-    from .evaluation import evaluate_records
-    from .fileio import write_json_atomic
-    from .gguf_convert import is_converted
-    from .models import load_model_and_tokenizer
-    from .methods import method_spec
+    from ..requests import to_requests
+    from ..evaluation import evaluate_records
+    from ..fileio import write_json_atomic
+    from ..gguf_convert import is_converted
+    from ..models import load_model_and_tokenizer
+    from ..methods import method_spec
 
     records = demo_records(args.n_edits)
     spec = method_spec(args.method)

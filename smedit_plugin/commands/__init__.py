@@ -1,0 +1,1 @@
+"""The ``smedit`` subcommands, one module each; :data:`smedit_plugin.cli.COMMANDS` names them."""
