@@ -24,7 +24,7 @@ def main() -> None:
     from smedit_plugin.evaluation import METRICS
     from smedit_plugin.hparams import load_hparams
     from smedit_plugin.hypernet.archive import load_archive
-    from smedit_plugin.hypernet.training import edit_and_evaluate
+    from smedit_plugin.hypernet.training import edit_and_score
     from smedit_plugin.models import load_model_and_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,7 +49,7 @@ def main() -> None:
         run_hp = hp.replace(fp32_edit_weights=option, model_dtype=str(dtype).replace("torch.", ""))
         editor, _ = load_archive(run_hp.archive, model, run_hp, device=torch.device("cpu"))
         start = time.perf_counter()
-        metrics = edit_and_evaluate(model, tok, editor, records, n_edits=args.batch)
+        metrics = edit_and_score(model, tok, editor, records, n_edits=args.batch)
         row = {"setting": label, "seconds": round(time.perf_counter() - start, 1),
                **{k: metrics[k] for k in METRICS}}
         rows.append(row)

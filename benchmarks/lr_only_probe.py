@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from smedit_plugin.compare import method_hparams  # noqa: E402
+from smedit_plugin.hparams import load_method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.hypernet.editor import HypernetEditor  # noqa: E402
-from smedit_plugin.hypernet.training import edit_and_evaluate  # noqa: E402
+from smedit_plugin.hypernet.training import edit_and_score  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre"
@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("lr_only_probe.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    hp = method_hparams(args.method, args.model, training=True).replace(n_edits=args.n_edits, num_seq=1)
+    hp = load_method_hparams(args.method, args.model, training=True).replace(n_edits=args.n_edits, num_seq=1)
     model, tok = load_model_and_tokenizer(args.model)
     train = load_records(DATA / "zsre_train.json", "zsre")[: args.n_train]
     if args.validation:
@@ -70,7 +70,7 @@ def main() -> int:
             for nets in editor.nets:
                 for net in nets.values():
                     net.lr.weight.fill_(lr)
-        m = edit_and_evaluate(model, tok, editor, evaluation, n_edits=args.n_edits)
+        m = edit_and_score(model, tok, editor, evaluation, n_edits=args.n_edits)
         rows.append({"method": args.method, "lr": lr, "scored_on": "validation" if args.validation else "evaluation", **{k: m[k] for k in ("efficacy", "generalization", "specificity")}})
         print(f"{args.method} untrained network, lr {lr:.2e}: ES/GS/LS "
               + "/".join(f"{100 * m[k]:.1f}" for k in ("efficacy", "generalization", "specificity")), flush=True)

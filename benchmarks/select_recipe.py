@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smedit_plugin.compare import method_hparams  # noqa: E402
+from smedit_plugin.hparams import load_method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.training import train_hypernet  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> int:
     model, tok = load_model_and_tokenizer(args.model)
     rows: list[dict[str, Any]] = []
     for method, overrides in points:
-        hp = method_hparams(method, args.model, training=True).replace(
+        hp = load_method_hparams(method, args.model, training=True).replace(
             max_steps=-1, n_epochs=args.n_epochs, val_fraction=args.val_fraction, **overrides)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

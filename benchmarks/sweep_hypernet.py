@@ -22,12 +22,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smedit_plugin.compare import method_hparams  # noqa: E402
+from smedit_plugin.hparams import load_method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.archive import load_archive  # noqa: E402
-from smedit_plugin.hypernet.training import edit_and_evaluate, train_hypernet  # noqa: E402
+from smedit_plugin.hypernet.training import edit_and_score, train_hypernet  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre"
@@ -63,14 +63,14 @@ def main() -> int:
     base = evaluate_records(model, tok, evaluation, dataset="zsre", progress=False)
     rows: list[dict[str, Any]] = [{"method": "unedited", **{k: base[k] for k in ("efficacy", "generalization", "specificity")}}]
     for method, n_train, overrides in points:
-        hp = method_hparams(method, args.model, training=True).replace(
+        hp = load_method_hparams(method, args.model, training=True).replace(
             n_edits=args.n_edits, num_seq=1, val_n_edits=args.n_edits, max_steps=-1, **overrides)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             result = train_hypernet(model, tok, hp, train_all[:n_train], Path(tmp) / "archive", progress=True)
             seconds = time.perf_counter() - start
             editor, _ = load_archive(Path(tmp) / "archive", model, hp)
-            m = edit_and_evaluate(model, tok, editor, evaluation, n_edits=args.n_edits, dataset="zsre")
+            m = edit_and_score(model, tok, editor, evaluation, n_edits=args.n_edits, dataset="zsre")
         rows.append({"method": method, "n_train": n_train, **overrides,
                      **{k: m[k] for k in ("efficacy", "generalization", "specificity")},
                      "train_s_per_edit": result.seconds_per_edit, "train_seconds": seconds})

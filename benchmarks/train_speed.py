@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from smedit_plugin.compare.config import method_hparams_for  # noqa: E402
+from smedit_plugin.hparams import load_method_hparams  # noqa: E402
 from smedit_plugin.records import load_records  # noqa: E402
 from smedit_plugin.fileio import write_json_atomic  # noqa: E402
 from smedit_plugin.hypernet.training import train_hypernet  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> int:
     if len(records) < per_unit * args.units:
         raise SystemExit(f"{args.data} has {len(records)} records, fewer than {per_unit * args.units}")
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    hps = {m: method_hparams_for(m, args.model, training=True, sequential=args.protocol == "sequential").replace(
+    hps = {m: load_method_hparams(m, args.model, training=True, variant="-seq" if args.protocol == "sequential" else "").replace(
         n_edits=args.n_edits, num_seq=args.num_seq, max_steps=args.units, n_epochs=1, val_fraction=0.0,
         model_dtype=args.dtype) for m in args.methods}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}

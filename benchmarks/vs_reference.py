@@ -100,10 +100,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Train our hypernetwork on the training records, edit the evaluation facts, score them."""
     import torch
 
-    from smedit_plugin.compare import method_hparams
+    from smedit_plugin.hparams import load_method_hparams
     from smedit_plugin.records import load_records
     from smedit_plugin.hypernet.archive import load_archive
-    from smedit_plugin.hypernet.training import edit_and_evaluate, train_hypernet
+    from smedit_plugin.hypernet.training import edit_and_score, train_hypernet
     from smedit_plugin.models import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -113,14 +113,14 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(n_edits=args.n_edits, num_seq=args.num_seq, val_n_edits=args.n_edits, max_steps=-1, n_epochs=1,
                     val_fraction=0.0, rank=args.rank, edit_modules=list(modules), micro_batch_size=args.micro_batch_size,
                     model_dtype=args.dtype, bp_steps=2)
-    hp = method_hparams(method, args.model, training=True).replace(**{**settings, **overrides})
+    hp = load_method_hparams(method, args.model, training=True).replace(**{**settings, **overrides})
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype)
     train = load_records(args.train_data, "zsre")[: args.n_train]
     evaluation = load_records(args.eval_data, "zsre")[: args.n_edits * args.num_seq]
     with tempfile.TemporaryDirectory() as tmp:
         result = train_hypernet(model, tok, hp, train, Path(tmp) / "archive", progress=True)
         editor, _ = load_archive(Path(tmp) / "archive", model, hp)
-        metrics = edit_and_evaluate(model, tok, editor, evaluation, n_edits=args.n_edits, progress=True)
+        metrics = edit_and_score(model, tok, editor, evaluation, n_edits=args.n_edits, progress=True)
     lrs = torch.cat([net.lr.weight.detach().flatten() for nets in editor.nets for net in nets.values()])
     return {"impl": "ours", "method": args.method, "rank": hp.rank, "edit_modules": list(hp.edit_modules),
             "learned_edit_lr": float(lrs.mean()), "train_s_per_edit": result.seconds_per_edit,
@@ -134,9 +134,9 @@ def reference_settings(method: str, model: str) -> dict[str, float]:
 
     In batch mode both sides penalise ``reg_coef * ||shift||^2`` (SMEdit / EMSEdit); MALMEN's and RLEdit's KL
     weight is ``loc_coef`` on both sides. So the same fields give the same training objective."""
-    from smedit_plugin.compare import method_hparams
+    from smedit_plugin.hparams import load_method_hparams
 
-    hp = method_hparams(method, model, training=True)
+    hp = load_method_hparams(method, model, training=True)
     names = {"lr": hp.lr, "meta_lr": hp.meta_lr}
     if method == "SMEdit":
         names["reg_coef"] = hp.shift_penalty_coef()
@@ -363,7 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sys.path.insert(0, str(ROOT))
     from tqdm.auto import tqdm
 
-    from smedit_plugin.compare import method_hparams
+    from smedit_plugin.hparams import load_method_hparams
     from smedit_plugin.fileio import write_json_atomic
     from smedit_plugin.models import ensure_converted
 
@@ -375,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--protocol sequential needs --num-seq >= 2")
     if args.protocol == "sequential":
         args.n_train = args.n_edits * args.num_seq  # the reference trains on one trajectory per epoch
-    shipped = method_hparams("SMEdit", args.model, training=True)
+    shipped = load_method_hparams("SMEdit", args.model, training=True)
     rank = args.rank or shipped.rank
     modules = REFERENCE_LAYERS if args.reference_layers else (args.edit_modules or list(shipped.edit_modules))
     ensure_converted(args.model)  # our side's folder (this venv's transformers)

@@ -26,7 +26,7 @@ from example_utils import (add_model_argument, default_archive, easyedit_editor,
                            load_sample, scores, summarise_easyedit, table, train_or_reuse)
 
 from smedit_plugin.commands.demo import greedy_answers
-from smedit_plugin.compare import method_hparams
+from smedit_plugin.hparams import load_method_hparams
 from smedit_plugin.records import sample_path
 from smedit_plugin.evaluation import evaluate_records
 from smedit_plugin.fileio import write_json_atomic
@@ -56,7 +56,7 @@ def main() -> None:
     args = parse_args()
     model, tok, key = load_model(args.model)
     shrink = {"rank": args.rank} if args.rank else {}
-    train_hp = method_hparams(METHOD, key, training=True).replace(max_steps=args.max_steps, **shrink)
+    train_hp = load_method_hparams(METHOD, key, training=True).replace(max_steps=args.max_steps, **shrink)
     if args.train_batch:
         train_hp = train_hp.replace(n_edits=args.train_batch)
     train = load_sample(args.train_data, args.train_records, "--train-records")
@@ -66,7 +66,7 @@ def main() -> None:
                               progress=not args.no_progress)
 
     # editing hparams: the same networks (rank), the archive just trained, all N facts in one batch
-    hp = method_hparams(METHOD, key, training=False).replace(archive=str(archive), batch_size=len(records), **shrink)
+    hp = load_method_hparams(METHOD, key, training=False).replace(archive=str(archive), batch_size=len(records), **shrink)
     prompts, targets = [r.prompt for r in records], [r.target_new for r in records]
     answers_before = greedy_answers(model, tok, prompts, targets)
     before = evaluate_records(model, tok, records, dataset="zsre", progress=False)

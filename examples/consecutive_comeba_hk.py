@@ -33,7 +33,7 @@ import torch
 from example_utils import add_model_argument, load_model, load_sample, scores, table
 
 from smedit_plugin.comeba_hk import apply_comeba_hk_to_model, load_hook_state, remove_hook_layers, save_hook_state
-from smedit_plugin.compare import method_hparams
+from smedit_plugin.hparams import load_method_hparams
 from smedit_plugin.records import sample_path
 from smedit_plugin.requests import to_requests
 from smedit_plugin.devices import model_input_device
@@ -88,7 +88,7 @@ def main() -> None:
         changes["mom2_n_samples"] = args.cov_samples
     if args.stats_dir:
         changes["stats_dir"] = str(args.stats_dir)
-    hp = method_hparams(METHOD, key, training=False).replace(**changes)
+    hp = load_method_hparams(METHOD, key, training=False).replace(**changes)
     records = load_sample(args.eval_data, args.batches * args.batch_size, "--batches * --batch-size")
     probes = [r.prompt for r in records] + [p for r in records for p in r.locality_prompts]
 

@@ -19,7 +19,7 @@ from smedit_plugin.evaluation import METRICS
 from smedit_plugin.fileio import cache_dir
 from smedit_plugin.models import load_model_and_tokenizer
 from smedit_plugin.testing import tiny_model
-from smedit_plugin.methods import METHODS
+from smedit_plugin.resolve import apply_function
 from smedit_plugin.registry import register
 
 #: ``--model`` value for a randomly initialised SmolLM2-shaped model (real depth, width 64): seconds, not minutes.
@@ -116,7 +116,7 @@ def edit(editor: Optional[Any], hparams: Any, model: torch.nn.Module, tok: Any,
     if editor is not None:
         metrics, _, _ = editor.batch_edit(**to_edit_kwargs(list(records)), sequential_edit=True, verbose=False)
         return metrics
-    apply = METHODS[hparams.alg_name].apply_function()
+    apply = apply_function(hparams.alg_name)
     size = hparams.batch_size
     for start in range(0, len(records), size):
         apply(model, tok, to_requests(list(records[start:start + size])), hparams, copy=False,

@@ -24,7 +24,7 @@ from pathlib import Path
 from example_utils import (add_model_argument, default_archive, easyedit_editor, easyedit_table, edit, load_model,
                            load_sample, scores, summarise_easyedit, table, train_or_reuse)
 
-from smedit_plugin.compare import method_hparams
+from smedit_plugin.hparams import load_method_hparams
 from smedit_plugin.records import sample_path
 from smedit_plugin.evaluation import evaluate_records
 from smedit_plugin.fileio import write_json_atomic
@@ -58,7 +58,7 @@ def main() -> None:
         raise SystemExit(f"--num-seq {args.num_seq}: sequential editing needs at least 2 batches")
     model, tok, key = load_model(args.model)
     shrink = {"rank": args.rank} if args.rank else {}
-    train_hp = method_hparams(METHOD, key, training=True).replace(
+    train_hp = load_method_hparams(METHOD, key, training=True).replace(
         n_edits=args.n_edits, num_seq=args.num_seq, val_n_edits=args.n_edits, max_steps=args.max_steps, **shrink)
     train = load_sample(args.train_data, args.train_records, "--train-records")
     n, k = args.n_edits, args.num_seq
@@ -68,7 +68,7 @@ def main() -> None:
     training = train_or_reuse(model, tok, train_hp, train, archive, args.model, retrain=args.retrain,
                               progress=not args.no_progress)
 
-    hp = method_hparams(METHOD, key, training=False).replace(archive=str(archive), batch_size=n, **shrink)
+    hp = load_method_hparams(METHOD, key, training=False).replace(archive=str(archive), batch_size=n, **shrink)
     unedited = evaluate_records(model, tok, records, dataset="zsre", progress=False)
     first_unedited = evaluate_records(model, tok, batches[0], dataset="zsre", progress=False)
     editor, era = easyedit_editor(hp, model, tok)

@@ -2,13 +2,14 @@
 
 Two uses in ``smedit compare``: EasyEdit's own methods (``easyedit:FT``, ``easyedit:MEMIT``, ...)
 with EasyEdit's own YAML, and ``--via-easyedit`` for the plugin's methods, so EasyEdit's metric
-dicts sit next to ours. Edits are applied with ``sequential_edit=True`` so they stay in the model
-for our scoring; the caller restores the model from a :class:`~smedit_plugin.editing.WeightsSnapshot`.
+dicts sit next to ours (:class:`EasyEditRunner`). Edits are applied with ``sequential_edit=True`` so they
+stay in the model for our scoring, and the runner rolls them back.
 When EasyEdit cannot run a method here, :class:`EasyEditUnavailable` carries the reason for the row.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import time
 from pathlib import Path
@@ -17,15 +18,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from tqdm.auto import tqdm
-
+from .editing import WeightsSnapshot
+from .errors import MethodUnavailable
+from .families import Bench, FamilyRunner, MethodChoice, Training
+from .fileio import cache_dir
 from .records import EditRecord
 from .requests import to_edit_kwargs
+from .shipped import WIKITEXT2_TEST, easyedit_hparams_root
 
 EASYEDIT_PREFIX = "easyedit:"
 
 
-class EasyEditUnavailable(RuntimeError):
+class EasyEditUnavailable(MethodUnavailable):
     """EasyEdit cannot run this method on this machine; the message says why (it goes into the result row)."""
 
 
@@ -130,16 +134,6 @@ def seed_covariance_from_text(hparams: Any, model: torch.nn.Module, tok: Any, te
     return list(files.values())
 
 
-@dataclasses.dataclass
-class EasyEditRun:
-    """EasyEdit's own per-record metric dicts and what they average to."""
-
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Optional[float]]
-    edit_seconds: float
-    mode: str
-
-
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
@@ -185,45 +179,88 @@ def editor_kwargs(records: Sequence[EditRecord], *, batch: bool, era: Optional[s
     return kwargs
 
 
-def run_through_editor(hparams: Any, model: torch.nn.Module, tok: Any, records: Sequence[EditRecord],
-                       chunk_size: int, bar: Optional[tqdm] = None) -> EasyEditRun:
-    """Edit ``records`` with ``BaseEditor`` in chunks of ``chunk_size`` that accumulate in ``model``.
+class EasyEditRunner(FamilyRunner):
+    """A method run end to end through the installed EasyEdit's ``BaseEditor``: EasyEdit's own methods
+    (``easyedit:FT``, with EasyEdit's YAML from ``bench.easyedit_hparams``) and, for ``--via-easyedit``,
+    the plugin's (``choice.hparams`` given).
 
     Batchable methods go through ``batch_edit``; the others through ``edit``, one record at a time
-    (EasyEdit does not batch them). Records carry their locality and portability questions as
-    ``locality_inputs``/``portability_inputs``, so EasyEdit's own metric dicts include both.
-    ``edit_seconds`` times only the method's apply function, not EasyEdit's own before/after
-    evaluation; ``bar`` advances by each chunk's edits.
+    (EasyEdit does not batch them). Records carry their locality and portability questions, so EasyEdit's
+    own metric dicts (:meth:`report`) include both. Edits are applied with ``sequential_edit=True`` and
+    rolled back by this runner: every parameter and buffer, and the module tree with its hooks, so methods
+    that add or wrap modules (GRACE, LoRA, COMEBA-HK's hook layers) are undone too. The seconds of an edit
+    are those of the method's apply function only, not of EasyEdit's own evaluation around it.
     """
-    from .easyedit import detect_era
-    from .easyedit_editor import load_editor
-    from .registry import register
 
-    module = import_runnable_easyedit()
-    register()
-    batchable = module.editors.batch_editor.BatchEditor.is_batchable_method(hparams.alg_name)
-    hparams = dataclasses.replace(hparams, batch_size=chunk_size if batchable else 1)
-    editor = load_editor(hparams, model, tok)
-    seconds = [0.0]
-    apply = editor.apply_algo
+    def __init__(self, bench: Bench, choice: MethodChoice) -> None:
+        super().__init__(bench, choice)
+        self.editor: Any = None
+        self._batchable: Optional[bool] = None  # known after prepare()
+        self.metrics: list[dict[str, Any]] = []
+        self.mode = ""
+        self._seconds = 0.0
 
-    def timed_apply(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return apply(*args, **kwargs)
-        finally:
-            seconds[0] += time.perf_counter() - start
+    def prepare(self, training: Optional[Training] = None) -> dict[str, Any]:
+        """EasyEdit's hparams (its own YAML unless given), with the covariance cache seeded from local text."""
+        module = import_runnable_easyedit()
+        if self.hparams is None:
+            bench = self.bench
+            try:
+                hp = load_builtin_hparams(self.choice.method, bench.model_key,
+                                          bench.easyedit_hparams or easyedit_hparams_root())
+            except FileNotFoundError as exc:
+                raise EasyEditUnavailable(str(exc)) from None
+            if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
+                hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
+                seed_covariance_from_text(hp, bench.model, bench.tok, WIKITEXT2_TEST)
+            self.hparams = hp
+        self._batchable = module.editors.batch_editor.BatchEditor.is_batchable_method(self.hparams.alg_name)
+        return {}
 
-    editor.apply_algo = timed_apply
-    call = editor.batch_edit if batchable else editor.edit
-    metrics: list[dict[str, Any]] = []
-    for start in range(0, len(records), chunk_size):
-        chunk = list(records[start:start + chunk_size])
-        chunk_metrics, _, _ = call(**editor_kwargs(chunk, batch=batchable, era=detect_era()), sequential_edit=True,
-                                   verbose=False)
-        metrics.extend(chunk_metrics)
-        if bar is not None:
-            bar.update(len(chunk))
-    mode = (f"batch_edit, chunks of {chunk_size}" if batchable
-            else "edit, one record at a time (EasyEdit does not batch this method)")
-    return EasyEditRun(metrics=metrics, summary=summarise_metrics(metrics), edit_seconds=seconds[0], mode=mode)
+    def capture(self, snapshot: WeightsSnapshot) -> None:
+        snapshot.capture_model()
+
+    def _editor(self, chunk_size: int) -> Any:
+        """``BaseEditor`` for the bench's model, its ``apply_algo`` timed."""
+        from .easyedit_editor import load_editor
+
+        if self.hparams.alg_name not in importlib.import_module("easyeditor.util.alg_dict").ALG_DICT:
+            raise EasyEditUnavailable(f"EasyEdit has no method {self.hparams.alg_name!r} registered; for the plugin's "
+                                      "methods call smedit_plugin.register() first")
+        hparams = dataclasses.replace(self.hparams, batch_size=chunk_size if self._batchable else 1)
+        editor = load_editor(hparams, self.bench.model, self.bench.tok)
+        apply = editor.apply_algo
+
+        def timed_apply(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return apply(*args, **kwargs)
+            finally:
+                self._seconds += time.perf_counter() - start
+
+        editor.apply_algo = timed_apply
+        self.mode = (f"batch_edit, chunks of {chunk_size}" if self._batchable
+                     else "edit, one record at a time (EasyEdit does not batch this method)")
+        return editor
+
+    def edit(self, records: Sequence[EditRecord]) -> float:
+        from .easyedit import detect_era
+
+        if self._batchable is None:
+            raise RuntimeError("EasyEditRunner.edit before prepare(): prepare() loads EasyEdit and its hparams")
+        self._capture_once()
+        if self.editor is None:
+            self.editor = self._editor(len(records))
+        before = self._seconds
+        call = self.editor.batch_edit if self._batchable else self.editor.edit
+        chunk_metrics, _, _ = call(**editor_kwargs(list(records), batch=self._batchable, era=detect_era()),
+                                   sequential_edit=True, verbose=False)
+        self.metrics.extend(chunk_metrics)
+        return self._seconds - before
+
+    def roll_back(self) -> None:
+        super().roll_back()
+        self.editor = None  # a fresh editor for the next edit: EasyEdit's holds the model it edited
+
+    def report(self) -> dict[str, Any]:
+        return {"easyedit": summarise_metrics(self.metrics), "easyedit_mode": self.mode}

@@ -22,6 +22,11 @@ from torch import nn
 from .easyedit import detect_era
 
 
+#: A module's forward-hook tables (torch keeps a hook's flags in the side tables under the same key).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs")
+
+
 class WeightsSnapshot:
     """Pre-edit clones of the parameters an edit touches, keyed by their ``named_parameters`` name.
 
@@ -88,6 +93,41 @@ class WeightsSnapshot:
         if not isinstance(weight, nn.Parameter) or id(weight) not in self._name_of_param:
             raise LookupError(f"submodule {module_name!r} has no .weight parameter of this model")
         return self.capture(self._name_of_param[id(weight)])
+
+    def capture_model(self) -> None:
+        """Capture every parameter and buffer, and the module tree (children, parameter slots, forward hooks).
+
+        For edits whose reach is unknown (EasyEdit's own methods): :meth:`restore` then also removes
+        modules and hooks added since (GRACE adaptors, LoRA layers, hook layers) and puts back modules
+        that were replaced, so the model is the one captured, object for object.
+        """
+        for name, _ in self.model.named_parameters():
+            self.capture(name)
+        tree = [(module, dict(module._modules), dict(module._parameters),
+                 {attr: dict(getattr(module, attr)) for attr in _HOOK_TABLES},
+                 {name: None if buf is None else buf.detach().clone() for name, buf in module._buffers.items()})
+                for module in self.model.modules()]
+
+        @torch.no_grad()
+        def undo() -> None:
+            for module, children, params, hooks, buffers in tree:
+                module._modules.clear()
+                module._modules.update(children)
+                module._parameters.clear()
+                module._parameters.update(params)
+                for attr, table in hooks.items():
+                    getattr(module, attr).clear()
+                    getattr(module, attr).update(table)
+                for name in set(module._buffers) - set(buffers):
+                    del module._buffers[name]
+                for name, saved in buffers.items():
+                    current = module._buffers.get(name)
+                    if saved is not None and current is not None and current.shape == saved.shape:
+                        current.copy_(saved)
+                    else:
+                        module._buffers[name] = None if saved is None else saved.clone()
+
+        self.on_restore(undo)
 
     def on_restore(self, undo: Callable[[], None]) -> None:
         """Run ``undo`` at every :meth:`restore`, after the parameters (last registered first); it must be idempotent."""

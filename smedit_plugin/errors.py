@@ -8,6 +8,11 @@ class HyperParamsError(ValueError):
     """A hyperparameter file or value is wrong; the message names the field, the file and the fix."""
 
 
+class MethodUnavailable(RuntimeError):
+    """A method cannot run on this machine or model (its library is missing, it has no YAML for the model);
+    the message says why, and ``smedit compare`` puts it in that method's row instead of stopping."""
+
+
 class NonFiniteUpdateError(ValueError):
     """A computed update (a BP step's shift, a layer delta, a hook tensor) holds NaN or inf; nothing was written."""
 

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable, Iterable, Optional
 
 from .methods import METHODS, canonical_alg_name, method_spec
+from .resolve import apply_function
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def make_easyedit_apply(name: str) -> Callable:
     def apply(model: Any, tok: Any, requests: list, hparams: Any, copy: bool = False,
               return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs: Any) -> Any:
         if not resolved:
-            resolved.append(spec.apply_function())
+            resolved.append(apply_function(name))
         return resolved[0](model, tok, requests, hparams, copy=copy, return_orig_weights=return_orig_weights,
                            keep_original_weight=keep_original_weight, **kwargs)
 

@@ -65,6 +65,23 @@ def shipped_hparams_path(name: str) -> Path:
     raise FileNotFoundError(f"no shipped hparams {stem!r}{hint}")
 
 
+def method_yaml(method: str, model_key: str, *, training: bool = False, variant: str = "") -> Path:
+    """The one answer to "which YAML for method X on model Y": ``[TRAINING/]METHOD/<model_key><variant>.yaml``
+    of the tree in use, or the plain ``<model_key>.yaml`` when that variant (``-seq``, ``-demo``) is not shipped."""
+    folder = hparams_root() / ("TRAINING" if training else "") / method
+    for stem in dict.fromkeys((f"{model_key}{variant}", model_key)):
+        path = folder / f"{stem}{YAML_SUFFIX}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no hparams file {folder / (model_key + YAML_SUFFIX)} for method {method!r} and model "
+                            f"{model_key!r}{' (training)' if training else ''}; `smedit hparams` lists the shipped ones")
+
+
+def easyedit_hparams_root() -> Path:
+    """EasyEdit-format YAMLs of EasyEdit's own methods for the plugin's CPU models (``hparams/EASYEDIT``)."""
+    return hparams_root() / "EASYEDIT"
+
+
 def export_hparams(out: Path) -> list[Path]:
     """Copy the YAML tree into ``out`` in EasyEdit's ``hparams/`` layout; refuses to overwrite a file."""
     root = hparams_root()

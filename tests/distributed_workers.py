@@ -63,7 +63,7 @@ def math_case(reduce) -> dict[str, torch.Tensor]:
 
 def shift_and_meta_grad(rank: int, world_size: int, out: str) -> None:
     """:func:`math_case` with the rows split over the ranks; rank 0 saves the results."""
-    from smedit_plugin.hypernet.distributed import RowReduce
+    from smedit_plugin.distributed import RowReduce
 
     result = math_case(RowReduce(rank, world_size))
     if rank == 0:
@@ -83,11 +83,11 @@ CASES = {
 
 def case_hparams(name: str):
     """Tiny-model training hparams of one case (3 training units)."""
-    from smedit_plugin.methods import method_spec
+    from smedit_plugin.resolve import hparams_class
 
     spec = dict(CASES[name])
     alg = spec.pop("alg")
-    return method_spec(alg).hparams_class()(alg_name=alg, model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2,
+    return hparams_class(alg)(alg_name=alg, model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2,
                                   lr=1e-2, meta_lr=1e-3, chunk_size=3, max_steps=3, **spec)
 
 
@@ -97,7 +97,7 @@ def train_case(rank: int, world_size: int, name: str, data: str, out: str, fail_
     Rank 0 also saves the hypernetwork gradients Adam receives at each step to ``out + ".grads.pt"``.
     """
     from smedit_plugin.records import load_records
-    from smedit_plugin.hypernet.distributed import RowReduce
+    from smedit_plugin.distributed import RowReduce
     from smedit_plugin.hypernet.training import train_hypernet
     from smedit_plugin.hypernet.trainer import MetaTrainer
     from smedit_plugin.testing import tiny_model

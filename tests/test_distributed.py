@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distributed_workers import CASES, case_hparams, math_case, run_ranks, shift_and_meta_grad, train_case
-from smedit_plugin.hypernet.distributed import SINGLE, RowReduce
+from smedit_plugin.distributed import SINGLE, RowReduce
 
 
 def test_row_reduce_of_one_process_is_the_identity() -> None:
@@ -151,7 +151,8 @@ def test_compare_under_two_ranks_trains_together_and_rank_0_alone_reports(tmp_pa
 
     from distributed_workers import compare_case, compare_config
     from smedit_plugin.compare import MethodEntry, run_compare
-    from smedit_plugin.compare.run import _train_hparams
+    from smedit_plugin.compare.run import RunContext, method_choice
+    from smedit_plugin.families import Bench
     from smedit_plugin.testing import tiny_model
 
     train = tmp_path / "train.json"
@@ -174,7 +175,9 @@ def test_compare_under_two_ranks_trains_together_and_rank_0_alone_reports(tmp_pa
     assert split[0]["efficacy"] == single[0]["efficacy"]
     for one, two in zip(single[1:], split[1:]):
         assert Path(one["archive"]).name == Path(two["archive"]).name  # the same training settings
-        hp = _train_hparams(cfg, MethodEntry.parse(one["method"]))
+        (chunk, chunks) = RunContext(cfg, Bench(model, tok, cfg.model, cfg.dataset), [], [], None).training().shape
+        hp = method_choice(cfg, MethodEntry.parse(one["method"])).train_hparams.replace(
+            n_edits=chunk, num_seq=chunks, val_n_edits=chunk, max_steps=-1)
         _HP_OF[one["archive"]] = _HP_OF[two["archive"]] = hp
         torch.manual_seed(hp.seed)
         from smedit_plugin.hypernet.editor import HypernetEditor

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit
 from smedit_plugin.hparams import MethodHyperParams
-from smedit_plugin.methods import METHODS, MethodSpec
+from smedit_plugin.methods import LOCATE_FAMILY, METHODS, MethodSpec
 from smedit_plugin.registry import register
 
 pytestmark = pytest.mark.easyedit_head
@@ -90,7 +90,7 @@ def registered(monkeypatch, tmp_path):
     batch_editor = importlib.import_module("easyeditor.editors.batch_editor").BatchEditor
     saved_table, saved_method = dict(table), batch_editor.__dict__["is_batchable_method"]
     monkeypatch.setitem(METHODS, PROBE, MethodSpec(PROBE, "smedit_plugin.hparams:MethodHyperParams",
-                                                   f"{__name__}:probe_apply", batchable=True, needs_archive=False,
+                                                   f"{__name__}:probe_apply", LOCATE_FAMILY, batchable=True,
                                                    summary="test probe"))
     report = register()
     CALLS.clear()

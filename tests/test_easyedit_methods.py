@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smedit_plugin import easyedit, easyedit_editor
-from smedit_plugin.compare import method_hparams
+from smedit_plugin.hparams import load_method_hparams
 from smedit_plugin.records import load_records
 from smedit_plugin.requests import to_edit_kwargs
 from smedit_plugin.hypernet.apply import editor_for
@@ -32,10 +32,10 @@ def setup(easyeditor, tmp_path_factory, tiny, zsre_train_path, zsre_eval_path):
     model, tok = tiny("smollm2")
     train = load_records(Path(zsre_train_path), "zsre")[:8]
     records = load_records(Path(zsre_eval_path), "zsre")[:8]
-    train_hp = method_hparams("SMEdit", "smollm2-135m", training=True).replace(n_edits=4, max_steps=1, **SMALL)
+    train_hp = load_method_hparams("SMEdit", "smollm2-135m", training=True).replace(n_edits=4, max_steps=1, **SMALL)
     archive = tmp_path_factory.mktemp("archive") / "smedit"
     train_hypernet(model, tok, train_hp, train, archive, progress=False)
-    edit_hp = method_hparams("SMEdit", "smollm2-135m", training=False).replace(archive=str(archive), **SMALL)
+    edit_hp = load_method_hparams("SMEdit", "smollm2-135m", training=False).replace(archive=str(archive), **SMALL)
     return model, tok, edit_hp, records
 
 

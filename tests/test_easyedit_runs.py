@@ -18,11 +18,13 @@ import torch
 import yaml
 
 from smedit_plugin import easyedit
-from smedit_plugin.compare import METRIC_NAMES, CompareConfig, builtin_hparams_dir, format_table, run_compare
+from smedit_plugin.compare import METRIC_NAMES, CompareConfig, format_table, run_compare
+from smedit_plugin.families import Bench, MethodChoice
+from smedit_plugin.shipped import easyedit_hparams_root as builtin_hparams_dir
 from smedit_plugin.records import load_records
 from smedit_plugin.requests import to_requests
 from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file, editor_kwargs,
-                                         import_runnable_easyedit, load_builtin_hparams, run_through_editor,
+                                         import_runnable_easyedit, load_builtin_hparams, EasyEditRunner,
                                          split_method, summarise_metrics)
 from smedit_plugin.evaluation import evaluate_records, score_answers
 
@@ -211,17 +213,17 @@ def test_portability_inputs_reach_the_current_baseeditor(head, tiny, zsre_eval_p
     model, tok = tiny("smollm2")
     before = _params(model)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    hp = load_builtin_hparams("FT", "smollm2-135m", builtin_hparams_dir())
-    bar = SimpleNamespace(n=0, update=lambda k: setattr(bar, "n", bar.n + k))
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre"), MethodChoice("easyedit:FT", "FT"))
+    run.prepare()
     try:
-        run = run_through_editor(hp, model, tok, records, chunk_size=2, bar=bar)
+        seconds = [run.edit(records[:2]), run.edit(records[2:])]
+        assert all(s > 0 for s in seconds) and run.mode == "batch_edit, chunks of 2"
     finally:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(before[name])
-    assert bar.n == 4 and len(run.metrics) == 4
+        run.roll_back()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "the runner rolls FT back exactly"
+    assert len(run.metrics) == 4
     expected = [r["portability"] for r in to_requests(records)]
     assert [m["requested_rewrite"]["portability"] for m in run.metrics] == expected
     per_record = [float(torch.tensor(m["post"]["portability"]["one_hop_acc"], dtype=torch.float).mean())
                   for m in run.metrics]
-    assert run.summary["portability"] == pytest.approx(sum(per_record) / 4)
+    assert run.report()["easyedit"]["portability"] == pytest.approx(sum(per_record) / 4)

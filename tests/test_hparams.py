@@ -14,6 +14,7 @@ from smedit_plugin.edit_modules import resolve_edit_modules
 from smedit_plugin.models import ARCHITECTURES
 from smedit_plugin.testing import tiny_model
 from smedit_plugin.methods import METHODS
+from smedit_plugin.resolve import family_runner, hparams_class
 from smedit_plugin.rledit2.hparams import RLEdit2HyperParams
 from smedit_plugin.smedit.hparams import SMEditHyperParams
 
@@ -34,7 +35,7 @@ def test_every_method_has_a_yaml_per_model() -> None:
     for method in METHODS:
         for model in ARCHITECTURES:
             assert (ROOT / "hparams" / method / f"{model}.yaml").is_file(), (method, model)
-            if METHODS[method].needs_archive:
+            if family_runner(method).trains:
                 assert (ROOT / "hparams" / "TRAINING" / method / f"{model}.yaml").is_file(), (method, model)
 
 
@@ -54,7 +55,7 @@ def _edit_module_names(hp) -> list[str]:
 def test_shipped_yaml_loads_and_names_real_linear_modules(path: Path) -> None:
     hp = load_hparams(path)
     assert hp.alg_name == path.parent.name
-    assert type(hp) is METHODS[hp.alg_name].hparams_class()
+    assert type(hp) is hparams_class(hp.alg_name)
     model_key = path.stem.removesuffix("-seq").removesuffix("-demo")  # sequential and demo variants
     arch = ARCHITECTURES[model_key]
     names = _edit_module_names(hp)

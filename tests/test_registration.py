@@ -20,7 +20,7 @@ import pytest
 
 from smedit_plugin import easyedit, easyedit_editor
 from smedit_plugin.hparams import HyperParamsError
-from smedit_plugin.methods import METHODS, MethodSpec
+from smedit_plugin.methods import LOCATE_FAMILY, METHODS, MethodSpec
 from smedit_plugin.registry import make_easyedit_apply, register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_apply_function_is_imported_on_first_call_only(alg_dict, tmp_path, monke
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(METHODS, "RegistrationProbe", MethodSpec(
-        "RegistrationProbe", "smedit_plugin.hparams:MethodHyperParams", f"{module_name}:apply_probe",
-        batchable=False, needs_archive=False, summary="test probe"))
+        "RegistrationProbe", "smedit_plugin.hparams:MethodHyperParams", f"{module_name}:apply_probe", LOCATE_FAMILY,
+        batchable=False, summary="test probe"))
     report = register(["RegistrationProbe"])
     assert report.added == ("RegistrationProbe",) and report.batchable == ()
     assert module_name not in sys.modules

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from ..hparams import MethodHyperParams
-from ..methods import alg_names_of
+from ..hparams_base import MethodHyperParams
+from ..methods import alg_names_of, canonical_alg_name, method_spec
 
 F = dataclasses.field
 
@@ -47,9 +47,10 @@ def _template_params(hp: "COMEBAHKHyperParams") -> Optional[str]:
 
 
 def _hook_matches_name(hp: "COMEBAHKHyperParams") -> Optional[str]:
-    if hp.use_hook is not None and hp.use_hook != (hp.alg_name == "COMEBA-HK"):
-        return (f"use_hook: {str(hp.use_hook).lower()} contradicts alg_name {hp.alg_name!r}; "
-                "use alg_name COMEBA-HK with hooks or MEMIT-C without (or drop use_hook)")
+    if hp.use_hook is not None and hp.use_hook != hp.hooks_enabled:
+        with_hooks = [name for name in hp.ALG_NAMES if method_spec(name).hooks_enabled]
+        return (f"use_hook: {str(hp.use_hook).lower()} contradicts alg_name {hp.alg_name!r}; use alg_name "
+                f"{' or '.join(with_hooks)} for hooks, another of {list(hp.ALG_NAMES)} without (or drop use_hook)")
     return None
 
 
@@ -110,8 +111,9 @@ class COMEBAHKHyperParams(MethodHyperParams):
 
     @property
     def hooks_enabled(self) -> bool:
-        """Hook layers (COMEBA-HK) or in-place weight edits (MEMIT-C); ``use_hook`` may only confirm the name."""
-        return self.alg_name == "COMEBA-HK"
+        """Hook layers (COMEBA-HK) or in-place weight edits (MEMIT-C), as the method table declares;
+        ``use_hook`` may only confirm it."""
+        return method_spec(canonical_alg_name(self.alg_name)).hooks_enabled
 
     def rewrite_module_names(self) -> list[str]:
         """``rewrite_module_tmp`` filled in for every edited layer, lowest first."""

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..editing import edit_transaction
 from ..fileio import current_version, is_versioned_dir, leftovers, write_version
+from ..methods import LOCATE_FAMILY, method_spec, methods_of_family
 from .covariance import model_fingerprint
 from .hook_layers import CONTROLLER_ATTR, HOOK_ATTR, MODES, HookController, HookLayer, ScopeContext
 from .modules import base_model, get_module, weight_out_in
@@ -152,7 +153,7 @@ def save_hook_state(model: nn.Module, directory: Union[str, Path], *, overwrite:
     if overwrite and folder.exists() and not (folder.is_dir() and is_versioned_dir(folder)):
         shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     tensors = {name: p.detach().contiguous().cpu() for name, p in state_parameters(model).items()}
-    if controller.info["alg_name"] == "MEMIT-C":
+    if not hook_layers(model, controller)[0].with_hook:  # MEMIT-C: the edits live in the weights
         for name in controller.info["rewrite_modules"]:
             tensors[f"{name}.weight"] = get_module(model, name, "rewrite_module_tmp").weight.detach().contiguous().cpu()
     for name, tensor in tensors.items():
@@ -250,12 +251,12 @@ def load_hook_state(model: nn.Module, directory: Union[str, Path]) -> HookContro
     """
     folder = Path(directory)
     info, tensors = _read_state(folder)
-    if info["alg_name"] not in ("COMEBA-HK", "MEMIT-C"):
+    if info["alg_name"] not in methods_of_family(LOCATE_FAMILY):
         raise StateError(f"{folder}: unknown method {info['alg_name']!r} in the saved state")
     if info["ddof"] not in (0, 1) or not (info.get("bos_id") is None or isinstance(info.get("bos_id"), int)):
         raise StateError(f"{folder}: fields 'ddof' ({info['ddof']!r}, 0 or 1) or 'bos_id' ({info.get('bos_id')!r}) "
                          "are malformed; the state is damaged")
-    hooks = info["alg_name"] == "COMEBA-HK"
+    hooks = method_spec(info["alg_name"]).hooks_enabled
     if find_state(model) is not None:
         raise StateError(f"the model already carries COMEBA-HK/MEMIT-C state; remove it with remove_hook_layers(model) "
                          f"before loading {folder}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from .base import Runner
 from ..methods import COMPARE_DEFAULT
@@ -27,24 +28,44 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
     return run_bench
 
 
+def bench_hparams(methods: str, model_key: str) -> list[Any]:
+    """The shipped editing hparams of each ``--methods`` entry; anything but a hypernetwork method is refused."""
+    from ..hparams import load_method_hparams
+    from ..methods import HYPERNET_FAMILY, METHODS, canonical_alg_name, methods_of_family
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise ValueError("--methods is empty; name at least one hypernetwork method")
+    hypernet = methods_of_family(HYPERNET_FAMILY)
+    chosen = []
+    for name in names:
+        method = name if name in METHODS else canonical_alg_name(name)
+        if method not in hypernet:
+            raise ValueError(f"--methods {name}: smedit bench measures one batch edit of a hypernetwork method "
+                             f"({', '.join(hypernet)}); {method} is not one (measure it with smedit compare, e.g. "
+                             "--protocol consecutive, or the scripts in benchmarks/)")
+        chosen.append(load_method_hparams(method, model_key))
+    return chosen
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    from ..compare import method_hparams, peak_rss_mb
-    from ..records import load_records, sample_path
+    from ..compare import peak_rss_mb
     from ..fileio import write_json_atomic
-    from ..hypernet.editor import edit_batch
     from ..hypernet.archive import load_archive
-    from ..hypernet.editor import HypernetEditor
-    from ..models import load_model_and_tokenizer
+    from ..hypernet.editor import HypernetEditor, edit_batch
+    from ..models import load_model_for
+    from ..records import load_records, sample_path
     from ..table import format_table
 
+    chosen = bench_hparams(args.methods, args.model)
     data = args.data or sample_path("zsre_sample")
     records = load_records(data, "zsre")[: args.n_edits]
     if len(records) < args.n_edits:
         raise ValueError(f"--data {data} has only {len(records)} records; lower --n-edits or pass a larger file")
-    model, tok = load_model_and_tokenizer(args.model)
+    model, tok = load_model_for(chosen[0])  # the YAML's model_name and model_dtype (a large model in bf16)
     rows = []
-    for i, method in enumerate(m.strip() for m in args.methods.split(",") if m.strip()):
-        hp = method_hparams(method, args.model, training=False)
+    for i, hp in enumerate(chosen):
+        method = hp.alg_name
         editor = (load_archive(args.archive, model, hp)[0] if args.archive and i == 0
                   else HypernetEditor(model, hp, num_seq=1))
         start = time.perf_counter()

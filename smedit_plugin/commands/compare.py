@@ -4,8 +4,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..methods import COMPARE_DEFAULT, method_names
+from ..methods import COMPARE_DEFAULT
+from ..protocols import PROTOCOLS
 from .base import Runner
+
+
+def _edit_counts(text: str) -> tuple[int, ...]:
+    """``"200,400"`` -> ``(200, 400)``."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected edit counts like 200,400,600, got {text!r}") from None
 
 def setup(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--model", default="smollm2-135m")
@@ -16,18 +25,22 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
                         help="comma-separated: plugin methods and easyedit:<METHOD> for EasyEdit's own (e.g. easyedit:FT); "
                              "METHOD[field=value,...] runs a variant with hparams overrides (e.g. "
                              f"{COMPARE_DEFAULT[0]}[reg_coef=0])")
-    parser.add_argument("--protocol", choices=("batch", "sequential", "consecutive", "single-round"), default="batch",
-                        help="batch/sequential: hypernetwork methods; consecutive/single-round: "
-                             + ", ".join(method_names(needs_archive=False)))
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="batch",
+                        help="; ".join(f"{p.name}: {p.help}" for p in PROTOCOLS.values()))
+    by_chunk = lambda option: ", ".join(p.name for p in PROTOCOLS.values() if p.chunk_option == option)
     parser.add_argument("--n-edits", type=int, default=64,
-                        help="facts per edit batch (batch, sequential); total facts (consecutive, single-round)")
+                        help=f"facts per edit batch ({by_chunk('n_edits')}); facts in all ({by_chunk('batch_size')})")
     parser.add_argument("--batch-size", type=int, default=10,
-                        help="facts per step of the consecutive / single-round protocols (default: %(default)s)")
-    parser.add_argument("--num-seq", type=int, default=1, help="edit batches that accumulate (sequential protocol)")
+                        help=f"facts per step ({by_chunk('batch_size')}; default: %(default)s)")
+    parser.add_argument("--num-seq", type=int, default=1,
+                        help=f"edit batches that accumulate ({by_chunk('n_edits')}; default: %(default)s)")
     parser.add_argument("--archives", type=Path, default=None, help="where trained archives are kept (default: cache)")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--curve-every", type=int, default=0,
-                        help="sequential protocol: also re-score all facts edited so far after every K sequences")
+                        help="also re-score all facts edited so far after every K edit batches (accumulating protocols)")
+    parser.add_argument("--checkpoints", type=_edit_counts, default=(),
+                        help="also re-score all facts edited so far when this many have been edited, e.g. "
+                             "200,400,600,800 (accumulating protocols; the end is always scored)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write a PNG: curves with --curve-every, otherwise bars per method and metric")
     parser.add_argument("--easyedit-hparams", type=Path, default=None,
@@ -54,7 +67,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
                         methods=parse_methods(args.methods), protocol=args.protocol,
                         n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size,
                         archive_root=args.archives, retrain=args.retrain,
-                        curve_every=args.curve_every, progress=not args.no_progress,
+                        curve_every=args.curve_every, checkpoints=args.checkpoints, progress=not args.no_progress,
                         easyedit_hparams=args.easyedit_hparams, via_easyedit=args.via_easyedit,
                         general_every=args.general_every, general_items=args.general_items,
                         general_tokens=args.general_tokens)

@@ -54,12 +54,10 @@ def demo_records(n_edits: int) -> list:
 def demo_hparams(method: str) -> tuple[Any, str]:
     """``(hparams, shipped name)``: the method's demo recipe for SmolLM2 if one ships, else its regular YAML."""
     from ..hparams import load_hparams
-    from ..shipped import shipped_names
+    from ..shipped import hparams_root, method_yaml
 
-    name = f"{method}/{MODEL_KEY}-demo"
-    if name not in shipped_names():
-        name = f"{method}/{MODEL_KEY}"
-    return load_hparams(name), name
+    path = method_yaml(method, MODEL_KEY, variant="-demo")
+    return load_hparams(path), path.relative_to(hparams_root()).with_suffix("").as_posix()
 
 
 @torch.no_grad()
@@ -86,46 +84,49 @@ def gives_target(answer: str, target: str) -> bool:
     return answer.strip().lower().startswith(target.strip().lower())
 
 
-def _train_or_reuse(model: torch.nn.Module, tok: Any, method: str, retrain: bool, progress: bool) -> tuple[Path, float]:
-    """Hypernetwork methods: the cached archive trained on the packaged training facts (trained now if missing)."""
-    from ..records import load_records, sample_path
+def prepare_runner(model: torch.nn.Module, tok: Any, method: str, hp: Any, retrain: bool, progress: bool) -> tuple[Any, float]:
+    """``method``'s family runner on the model, prepared: a method that trains does so on the packaged ZsRE training
+    facts (once; later runs reuse the cached archive). Returns the runner and the seconds spent training."""
+    from ..families import Bench, MethodChoice, Training
     from ..fileio import cache_dir
-    from ..hparams import load_hparams
-    from ..hypernet.training import train_or_reuse
+    from ..hparams import load_method_hparams
+    from ..records import load_records, sample_path
+    from ..resolve import apply_function, family_runner
 
+    cls = family_runner(method)
+    train_hp = load_method_hparams(method, MODEL_KEY, training=True) if cls.trains else None
+    runner = cls(Bench(model, tok, MODEL_KEY, "zsre", progress), MethodChoice(method, method, hp, train_hp,
+                                                                              apply_function(method)))
+    if not cls.trains:
+        return runner, 0.0
     data = sample_path("zsre_sample")
     start = time.perf_counter()
-    trained = train_or_reuse(model, tok, load_hparams(f"TRAINING/{method}/{MODEL_KEY}"), load_records(data, "zsre"),
-                             train_data=data, model_key=MODEL_KEY, dataset="zsre", root=cache_dir() / "archives",
-                             label="demo", retrain=retrain, progress=progress)
-    if not trained.trained_now:
-        print(f"reusing the trained {method} archive at {trained.path} (--retrain to train again)")
-        return trained.path, 0.0
+    prepared = runner.prepare(Training(load_records(data, "zsre"), data, cache_dir() / "archives", "demo",
+                                       retrain=retrain))
+    if not prepared.get("trained_now"):
+        print(f"reusing the trained {method} archive at {prepared.get('archive')} (--retrain to train again)")
+        return runner, 0.0
     seconds = time.perf_counter() - start
     print(f"trained {method} on the packaged ZsRE training facts in {seconds:.0f} s")
-    return trained.path, seconds
+    return runner, seconds
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..requests import to_requests
     from ..evaluation import evaluate_records
     from ..fileio import write_json_atomic
     from ..gguf_convert import is_converted
     from ..models import load_model_and_tokenizer
-    from ..methods import method_spec
 
     records = demo_records(args.n_edits)
-    spec = method_spec(args.method)
     hp, hp_name = demo_hparams(args.method)
     timings: dict[str, float] = {}
     converted = is_converted(MODEL_KEY)
     start = time.perf_counter()
     model, tok = load_model_and_tokenizer(MODEL_KEY)
     timings["load model" + ("" if converted else " (first run: GGUF conversion)")] = time.perf_counter() - start
-    if spec.needs_archive:
-        archive, train_seconds = _train_or_reuse(model, tok, args.method, args.retrain, not args.no_progress)
+    runner, train_seconds = prepare_runner(model, tok, args.method, hp, args.retrain, not args.no_progress)
+    if runner.trains:
         timings["train hypernetwork" if train_seconds else "train hypernetwork (cached)"] = train_seconds
-        hp = hp.replace(archive=str(archive))
     prompts = [r.prompt for r in records]
     targets = [r.target_new for r in records]
     start = time.perf_counter()
@@ -135,10 +136,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"editing {len(records)} unseen ZsRE facts into {MODEL_KEY} with {args.method} in one batch "
           f"(hparams {hp_name})")
     start = time.perf_counter()
-    # the process ends after the report, so the edit is not rolled back
-    model, _ = spec.apply_function()(model, tok, to_requests(records), hp)
-    edit_label = "edit" + (" (first run also computes key statistics, then cached)" if not spec.needs_archive else "")
-    timings[edit_label] = time.perf_counter() - start
+    runner.edit(records)  # through the method's apply function; kept: the process ends after the report
+    timings["edit"] = time.perf_counter() - start
     start = time.perf_counter()
     after = greedy_answers(model, tok, prompts, targets)
     post = evaluate_records(model, tok, records, dataset="zsre", progress=False)

@@ -32,7 +32,7 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
 def run_train(args: argparse.Namespace) -> int:
     from ..records import detect_dataset, load_records
     from ..hparams import load_hparams
-    from ..hypernet.distributed import init_from_environment, launched_world, shutdown
+    from ..distributed import init_from_environment, launched_world, shutdown
     from ..hypernet.hparams import HypernetHyperParams
     from ..hypernet.training import check_out_dir, train_hypernet
     from ..models import load_model_for

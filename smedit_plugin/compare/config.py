@@ -1,4 +1,4 @@
-"""``smedit compare`` settings: the config, the ``--methods`` mini-language, and which YAML each method uses.
+"""``smedit compare`` settings: the config, the ``--methods`` mini-language, and the checks made before any work.
 
 Every bad setting is reported here, before a model is loaded or a weight touched.
 """
@@ -10,46 +10,18 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from ..easyedit_runs import split_method
-from ..hparams import HyperParamsError, MethodHyperParams, load_hparams
+from ..hparams import HyperParamsError, load_method_hparams
 from ..methods import COMPARE_DEFAULT, METHODS
+from ..protocols import Protocol, protocol
 
-PROTOCOLS = ("batch", "sequential", "consecutive", "single-round")
 ROW_FIELDS = ("method", "model", "dataset", "protocol", "n_edits", "num_seq", "efficacy", "generalization",
               "specificity", "portability", "train_s_per_edit", "edit_s_per_edit", "peak_rss_mb")
 #: ES, GS, LS and PS; ``portability`` is None in every row when the records have no portability questions.
 METRIC_NAMES = ("efficacy", "generalization", "specificity", "portability")
 #: What the COMEBA-HK paper's ``average`` averages: reliability, generality, locality.
 AVERAGED_METRICS = ("efficacy", "generalization", "specificity")
-LOCATE_PROTOCOLS = ("consecutive", "single-round")
-
-
-def hparams_dir() -> Path:
-    """The hparams tree: ``$SMEDIT_HPARAMS_DIR`` or the YAMLs shipped in the package."""
-    from ..shipped import hparams_root
-
-    return hparams_root()
-
-
-def method_hparams(method: str, model_key: str, *, training: bool, root: Optional[Path] = None) -> MethodHyperParams:
-    """The shipped YAML of ``method`` for ``model_key`` (``-seq`` variants are picked by the caller)."""
-    base = (root or hparams_dir()) / ("TRAINING" if training else "") / method / f"{model_key}.yaml"
-    if not base.is_file():
-        raise HyperParamsError(f"no hparams file {base} for method {method!r} and model {model_key!r}")
-    return load_hparams(base)
-
-
-def builtin_hparams_dir() -> Path:
-    """EasyEdit-format YAMLs of EasyEdit's own methods for the plugin's CPU models (``hparams/EASYEDIT``)."""
-    return hparams_dir() / "EASYEDIT"
-
-
-def method_hparams_for(method: str, model_key: str, *, training: bool, sequential: bool) -> MethodHyperParams:
-    """:func:`method_hparams`, or the ``<model>-seq.yaml`` variant under the sequential protocol when one ships."""
-    seq_file = hparams_dir() / ("TRAINING" if training else "") / method / f"{model_key}-seq.yaml"
-    if sequential and seq_file.is_file():
-        return load_hparams(seq_file)
-    return method_hparams(method, model_key, training=training)
+#: ``--methods`` prefix of EasyEdit's own methods (``easyedit:FT``), run through its ``BaseEditor``.
+EASYEDIT_PREFIX = "easyedit:"
 
 
 @dataclasses.dataclass
@@ -66,6 +38,7 @@ class CompareConfig:
     archive_root: Optional[Path] = None
     retrain: bool = False
     curve_every: int = 0
+    checkpoints: tuple[int, ...] = ()
     progress: bool = True
     easyedit_hparams: Optional[Path] = None
     via_easyedit: bool = False
@@ -74,13 +47,29 @@ class CompareConfig:
     general_tokens: int = 4096
 
     @property
-    def locate(self) -> bool:
-        return self.protocol in LOCATE_PROTOCOLS
+    def declared(self) -> Protocol:
+        """The declaration of :attr:`protocol` (:data:`smedit_plugin.protocols.PROTOCOLS`)."""
+        return protocol(self.protocol)
 
     @property
-    def chunk_size(self) -> int:
-        """Facts per edit call: one batch (batch, sequential) or one step (consecutive, single-round)."""
-        return self.batch_size if self.locate else self.n_edits
+    def sizes(self) -> tuple[int, int]:
+        """``(facts edited in all, facts per chunk)``."""
+        return self.declared.sizes(self.n_edits, self.num_seq, self.batch_size)
+
+    @property
+    def chunks(self) -> int:
+        total, chunk = self.sizes
+        return -(-total // chunk)
+
+
+def split_method(name: str) -> tuple[bool, str]:
+    """``("easyedit:FT")`` -> ``(True, "FT")``; plugin methods -> ``(False, name)``."""
+    if name.lower().startswith(EASYEDIT_PREFIX):
+        inner = name[len(EASYEDIT_PREFIX):].strip()
+        if not inner:
+            raise ValueError(f"--methods entry {name!r} names no EasyEdit method; write e.g. easyedit:FT")
+        return True, inner
+    return False, name
 
 
 def parse_methods(text: str) -> list[str]:
@@ -134,43 +123,41 @@ class MethodEntry:
         return cls(text, method, builtin, overrides)
 
 
-def check_config(cfg: CompareConfig) -> None:
-    """Every bad setting is reported before a model is loaded or a weight touched."""
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
-    if not cfg.methods:
-        raise ValueError(f"--methods is empty; name at least one method (e.g. --methods {','.join(COMPARE_DEFAULT)})")
-    for field, least in (("n_edits", 1), ("num_seq", 1), ("batch_size", 1), ("curve_every", 0)):
+def _check_counts(cfg: CompareConfig) -> None:
+    for field, least in (("n_edits", 1), ("num_seq", 1), ("batch_size", 1), ("curve_every", 0),
+                         ("general_every", 0), ("general_items", 1), ("general_tokens", 1)):
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"--{field.replace('_', '-')} must be an integer >= {least}, got {value!r}")
-    if cfg.protocol == "batch" and cfg.num_seq != 1:
-        raise ValueError("--protocol batch edits one batch: use --num-seq 1 (or --protocol sequential)")
+    total = cfg.sizes[0]
+    for mark in cfg.checkpoints:
+        if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark <= total:
+            raise ValueError(f"--checkpoints must be edit counts between 1 and the {total} facts edited, got {mark!r}")
+
+
+def check_config(cfg: CompareConfig) -> None:
+    """Every bad setting is reported before a model is loaded or a weight touched."""
+    declared = cfg.declared
+    if not cfg.methods:
+        raise ValueError(f"--methods is empty; name at least one method (e.g. --methods {','.join(COMPARE_DEFAULT)})")
+    _check_counts(cfg)
+    if declared.one_chunk and cfg.num_seq != 1:
+        raise ValueError(f"--protocol {declared.name} edits one batch: use --num-seq 1 (or --protocol sequential)")
     for text in cfg.methods:
         entry = MethodEntry.parse(text)
-        method, overrides = entry.method, entry.overrides
         if entry.builtin:
-            if overrides:
+            if entry.overrides:
                 raise ValueError(f"--methods entry {text!r}: overrides apply to plugin methods; edit the EasyEdit "
                                  "YAML under --easyedit-hparams instead")
             continue
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r} in --methods; use any of {', '.join(METHODS)} "
+        if entry.method not in METHODS:
+            raise ValueError(f"unknown method {entry.method!r} in --methods; use any of {', '.join(METHODS)} "
                              "or easyedit:<EasyEdit method>")
-        if METHODS[method].needs_archive and cfg.locate:
-            raise ValueError(f"{method} runs under the batch or sequential protocol, not {cfg.protocol!r}")
-        if overrides:
+        if entry.overrides:
             try:
-                method_hparams(method, cfg.model, training=METHODS[method].needs_archive).replace(**overrides)
+                load_method_hparams(entry.method, cfg.model, variant=declared.variant).replace(**entry.overrides)
             except HyperParamsError as exc:
                 raise ValueError(f"--methods entry {text!r}: {exc}") from exc
-    for field in ("general_every", "general_items", "general_tokens"):
-        value = getattr(cfg, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "general_every" else 1):
-            raise ValueError(f"--{field.replace('_', '-')} must be a {'non-negative' if field == 'general_every' else 'positive'} "
-                             f"int, got {value!r}")
     if cfg.easyedit_hparams is not None and not Path(cfg.easyedit_hparams).is_dir():
         raise ValueError(f"--easyedit-hparams {cfg.easyedit_hparams} is not a folder; give EasyEdit's hparams/ "
                          "(or one laid out as METHOD/MODEL.yaml)")
-
-

@@ -21,7 +21,7 @@ from ..errors import OVERFLOW_CAUSE, require_finite
 from ..precision import RoundingReport, float32_edit_weights, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
-from .distributed import SINGLE, RowReduce
+from ..distributed import SINGLE, RowReduce
 from .hparams import HypernetHyperParams
 from .network import HyperNet, build_hypernets, shape_key
 from .prefix import FrozenPrefix

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional, Union
 
-from ..hparams import MethodHyperParams
+from ..hparams_base import MethodHyperParams
 from ..methods import method_spec
 
 F = dataclasses.field

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .distributed import SINGLE, RowReduce
+from ..distributed import SINGLE, RowReduce
 
 #: float32 machine epsilon; the references add it to the std so constant features do not divide by 0.
 EPS_FP32 = float(torch.finfo(torch.float32).eps)

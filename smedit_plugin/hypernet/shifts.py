@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .distributed import SINGLE, RowReduce
+from ..distributed import SINGLE, RowReduce
 from .network import HyperNet
 from .solve import Form, RidgeSolve
 

@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from .distributed import SINGLE, RowReduce
+from ..distributed import SINGLE, RowReduce
 
 Form = Literal["auto", "primal", "dual"]
 

@@ -30,7 +30,7 @@ from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
 from ..answers import answer_logits
 from .losses import answer_cross_entropy, kl_locality
-from .distributed import SINGLE, RowReduce
+from ..distributed import SINGLE, RowReduce
 from .prefix import FrozenPrefix, forward_context
 from .shifts import module_shape, to_in_out
 

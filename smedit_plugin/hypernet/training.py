@@ -1,8 +1,8 @@
 """Training hypernetwork archives: train or resume one, or reuse the archive of the same settings (one cache key).
 
-``smedit train``/``compare``/``demo``, the examples and the benchmarks come through here; the
-weight update itself is always :func:`~smedit_plugin.hypernet.editor.edit_batch`, the same call
-EasyEdit's apply function makes.
+``smedit train`` and the family runner (:mod:`.runner`) come through here. Validation during training edits
+with the live editor through the one edit loop (:class:`EditorRunner`); the weight update itself is always
+:func:`~smedit_plugin.hypernet.editor.edit_batch`, the same call EasyEdit's apply function makes.
 """
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..records import EditRecord
-from ..evaluation import METRICS, evaluate_records
+from ..edit_loop import run_protocol
+from ..editing import WeightsSnapshot
+from ..families import Bench, FamilyRunner, MethodChoice
 from ..fileio import MANIFEST, is_versioned_dir, leftovers, read_manifest, remove_leftovers
-from .distributed import SINGLE, RowReduce
+from ..protocols import PROTOCOLS
+from ..records import EditRecord
+from ..distributed import SINGLE, RowReduce
 from .archive import FORMAT, ArchiveError, load_archive, read_meta, save_archive
 from .editor import HypernetEditor, edit_batch, hypernet_device
 from .hparams import HypernetHyperParams
@@ -42,51 +44,33 @@ class TrainResult:
         return self.train_seconds / max(self.edits_seen, 1)
 
 
-def edit_and_evaluate(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *,
-                      n_edits: int, dataset: str = "zsre", locality: str = "gold", curve_every: int = 0,
-                      progress: bool = False, after_batch: Optional[Callable[[int], None]] = None,
-                      bar: Optional[tqdm] = None) -> dict[str, Any]:
-    """Edit ``records`` in batches of ``n_edits`` that accumulate, score all of them on the final model, restore.
+class EditorRunner(FamilyRunner):
+    """A runner over a live editor (no archive yet): training validation and benchmarks edit through
+    :func:`~.editor.edit_batch` itself, under the same loop as every family."""
 
-    ``len(records) / n_edits`` batches = the sequential-batch protocol; one batch = batch editing.
-    ``curve_every=k`` also re-scores every fact edited so far after each k-th batch (``metrics["curve"]``).
-    ``after_batch(batch_no)`` runs after each batch is applied, while the edits are in the model;
-    ``bar`` advances by each batch's edits and is closed after the last batch, before scoring.
-    """
-    snapshot = None
-    reference = None
-    if locality == "agreement":
-        from ..evaluation import predict_locality_reference
+    def __init__(self, bench: Bench, editor: HypernetEditor) -> None:
+        super().__init__(bench, MethodChoice(editor.hparams.alg_name, editor.hparams.alg_name, editor.hparams))
+        self.editor = editor
 
-        reference = predict_locality_reference(model, tok, records)
-    curve: list[dict[str, Any]] = []
-    edit_seconds = 0.0
-    try:
-        for batch_no, i in enumerate(range(0, len(records), n_edits), start=1):
-            chunk = records[i:i + n_edits]
-            start = time.perf_counter()
-            snapshot = edit_batch(model, tok, editor, [r.prompt for r in chunk], [r.target_new for r in chunk], snapshot)
-            edit_seconds += time.perf_counter() - start
-            if bar is not None:
-                bar.update(len(chunk))
-            if after_batch is not None:
-                after_batch(batch_no)
-            if curve_every and batch_no % curve_every == 0 and i + n_edits < len(records):
-                seen = list(records[:i + n_edits])
-                m = evaluate_records(model, tok, seen, dataset=dataset, locality=locality, progress=False,
-                                     reference=None if reference is None else reference[:len(seen)])
-                curve.append({"num_seq": batch_no, **{k: m[k] for k in METRICS}})
-        if bar is not None:
-            bar.close()
-        metrics = evaluate_records(model, tok, list(records), dataset=dataset, locality=locality, reference=reference,
-                                   progress=progress)
-    finally:
-        if snapshot is not None:
-            snapshot.restore()
-    metrics["edit_seconds"] = edit_seconds
-    if curve_every:
-        metrics["curve"] = curve + [{"num_seq": -(-len(records) // n_edits), **{k: metrics[k] for k in METRICS}}]
-    return metrics
+    def capture(self, snapshot: WeightsSnapshot) -> None:
+        for name in self.editor.module_names:
+            snapshot.capture_module(name)
+
+    def edit(self, records: Sequence[EditRecord]) -> float:
+        self._capture_once()
+        start = time.perf_counter()
+        edit_batch(self.bench.model, self.bench.tok, self.editor, [r.prompt for r in records],
+                   [r.target_new for r in records], self.snapshot)
+        return time.perf_counter() - start
+
+
+def edit_and_score(model: nn.Module, tok, editor: HypernetEditor, records: Sequence[EditRecord], *, n_edits: int,
+                   dataset: str = "zsre", progress: bool = False) -> dict[str, Any]:
+    """``records`` edited in accumulating chunks of ``n_edits`` with a live editor and scored (the sequential
+    protocol's loop, :func:`~smedit_plugin.edit_loop.run_protocol`); the model is restored afterwards."""
+    result = run_protocol(EditorRunner(Bench(model, tok, "", dataset, progress), editor), PROTOCOLS["sequential"],
+                          records, chunk=n_edits, dataset=dataset, progress=progress)
+    return {**result.metrics, "edit_seconds": result.edit_seconds}
 
 
 def split_validation(records: Sequence[EditRecord], fraction: float, seed: int) -> tuple[list[EditRecord], list[EditRecord]]:
@@ -194,7 +178,7 @@ def train_hypernet(model: nn.Module, tok, hparams: HypernetHyperParams, train_re
     def validate() -> dict[str, Any]:
         recs = list(val_records or [])
         scored = recs[: hparams.val_n_edits * hparams.num_seq]
-        m = edit_and_evaluate(model, tok, trainer.editor, scored, n_edits=hparams.val_n_edits, dataset=dataset)
+        m = edit_and_score(model, tok, trainer.editor, scored, n_edits=hparams.val_n_edits, dataset=dataset)
         return {"loss": trainer.validation_loss(recs), **{k: m[k] for k in ("efficacy", "generalization", "specificity")}}
 
     def checkpoint(t: MetaTrainer) -> None:
