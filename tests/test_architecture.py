@@ -115,6 +115,41 @@ def test_no_import_cycle_inside_the_package() -> None:
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
+#: The floors of docs/architecture.md: a module may import only from its own floor or below (prefixes match
+#: packages; a method folder named in the table sits on the families' floor).
+FLOORS = {
+    0: ("methods", "errors", "_version", "easyedit", "table"),
+    1: ("answers", "records", "requests", "text", "devices", "tfcompat", "fileio", "shipped"),
+    2: ("evaluation", "general", "perplexity", "editing", "hparams_base", "models", "gguf_convert", "precision",
+        "edit_modules", "request_checks", "distributed", "testing"),
+    3: ("edit_loop", "families", "protocols"),
+    4: ("hypernet", "comeba_hk", "easyedit_runs", "easyedit_editor"),
+    5: ("hparams", "resolve"),
+    6: ("compare", "registry", "auto"),
+    7: ("commands",),
+    8: ("cli", ""),
+}
+
+
+def floor_of(module: str) -> int:
+    from smedit_plugin.methods import METHODS
+
+    rest = module.removeprefix("smedit_plugin").removeprefix(".")
+    table_folders = {spec.hparams_path.split(":")[0].split(".")[1] for spec in METHODS.values()}
+    for floor, names in FLOORS.items():
+        if rest in names or any(name and rest.startswith(name + ".") for name in names):
+            return floor
+    if rest.split(".")[0] in table_folders:
+        return 4
+    raise AssertionError(f"{module} has no floor: add it to FLOORS here and to docs/architecture.md")
+
+
+def test_every_import_points_down_the_floors() -> None:
+    up = sorted(f"{m} ({floor_of(m)}) -> {t} ({floor_of(t)})" for m, targets in full_graph().items()
+                for t in targets if floor_of(t) > floor_of(m))
+    assert not up, "imports that point up a floor:\n" + "\n".join(up)
+
+
 def test_compare_imports_no_family() -> None:
     """``smedit compare`` drives every family through the runner interface; it names none of them."""
     families = ("smedit_plugin.hypernet", "smedit_plugin.comeba_hk", "smedit_plugin.easyedit_runs")
