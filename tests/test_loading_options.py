@@ -79,3 +79,26 @@ def test_smedit_train_loads_with_model_parallel_and_model_dtype(loader_calls, tm
         main(["train", str(yaml), "--data", str(zsre_train_path), "--out", str(tmp_path / "archive")])
     assert loader_calls[0]["model_parallel"] is True
     assert loader_calls[0]["dtype"] == "float32"  # the file's model_dtype
+
+
+def test_compare_loads_the_yaml_model_in_its_dtype_not_the_key(loader_calls, zsre_eval_path) -> None:
+    """``smedit compare --model llama3-8b`` loads what the YAML names (a hub id) in bf16, before any training."""
+    from smedit_plugin.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(model="llama3-8b", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
+                        methods=["COMEBA-HK", "MEMIT-C"], protocol="consecutive", n_edits=4, batch_size=2)
+    with pytest.raises(_Loaded):
+        run_compare(cfg)
+    hp = load_hparams("COMEBA-HK/llama3-8b")
+    assert loader_calls == [{"name": hp.model_name, "dtype": "bfloat16", "device": hp.device,
+                             "model_parallel": hp.model_parallel}]
+    assert hp.model_name == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def test_bench_loads_the_yaml_model_in_its_dtype(loader_calls) -> None:
+    from smedit_plugin.cli import main
+
+    with pytest.raises(_Loaded):
+        main(["bench", "--model", "gpt-j-6b", "--methods", "SMEdit", "--n-edits", "2"])
+    hp = load_hparams("SMEdit/gpt-j-6b")
+    assert loader_calls[0]["name"] == hp.model_name and loader_calls[0]["dtype"] == hp.model_dtype == "bfloat16"
