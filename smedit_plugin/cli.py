@@ -38,6 +38,8 @@ COMMANDS: dict[str, CommandSpec] = {
                         "smedit_plugin.commands.demo:setup"),
     "compare": CommandSpec("train and evaluate several methods on the same model, records and protocol",
                            "smedit_plugin.commands.compare:setup"),
+    "sweep": CommandSpec("a grid of methods x edit counts x seeds, each cell in its own process, resumable",
+                         "smedit_plugin.commands.sweep:setup"),
     "hparams": CommandSpec("list the shipped YAML hparams, or export them in EasyEdit's hparams/ layout",
                            "smedit_plugin.commands.hparams:setup"),
     "bench": CommandSpec("speed and peak memory of one large batch edit per hypernetwork method",

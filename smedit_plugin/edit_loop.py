@@ -3,7 +3,8 @@
 Records are edited chunk by chunk through the runner; under an accumulating protocol the edits stay and
 every fact edited so far is scored at the curve points and at the end, otherwise each chunk is scored
 alone and rolled back, and the scores are weighted by chunk size. The model is rolled back at the end
-(unless the caller keeps the edits) and whenever the loop fails.
+(unless the caller keeps the edits) and whenever the loop fails. A long run can save its progress after
+any chunk (``after_chunk``) and continue later from there (``resume``).
 """
 from __future__ import annotations
 
@@ -17,8 +18,24 @@ from .families import FamilyRunner
 from .protocols import Protocol
 from .records import EditRecord
 
-#: ``after_chunk(chunks_done)``: runs after each chunk is applied, while its edits are in the model.
-AfterChunk = Callable[[int], None]
+#: ``after_chunk(progress)``: runs after each chunk is applied (and its curve point scored), edits in the model.
+AfterChunk = Callable[["LoopProgress"], None]
+
+
+@dataclasses.dataclass
+class LoopProgress:
+    """Where a loop is: chunks done, the seconds the edits took, the curve points and round scores so far.
+
+    JSON-able (:meth:`to_dict`), so a caller can save it beside the runner's state and resume from it.
+    """
+
+    chunks_done: int = 0
+    edit_seconds: float = 0.0
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rounds: list[list[Any]] = dataclasses.field(default_factory=list)  # [facts scored, scores] per rolled-back chunk
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -40,8 +57,8 @@ def score(model: Any, tok: Any, records: Sequence[EditRecord], protocol: Protoco
     return evaluate_records(model, tok, list(records), dataset=dataset, progress=progress)
 
 
-def _weighted(scores: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Chunk scores averaged with the chunk sizes as weights (a metric no chunk has stays None)."""
+def _weighted(scores: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """Chunk scores averaged with the number of facts scored as weights (a metric no chunk has stays None)."""
     out: dict[str, Any] = {}
     for key in METRICS:
         pairs = [(n, m[key]) for n, m in scores if m[key] is not None]
@@ -51,51 +68,63 @@ def _weighted(scores: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
 
 def run_protocol(runner: FamilyRunner, protocol: Protocol, records: Sequence[EditRecord], *, chunk: int,
                  dataset: str, reference: Optional[Sequence] = None, curve_every: int = 0,
-                 checkpoints: Sequence[int] = (), after_chunk: Optional[AfterChunk] = None, progress: bool = False,
-                 label: str = "", keep_edits: bool = False) -> LoopResult:
+                 checkpoints: Sequence[int] = (), score_on: Optional[Sequence[int]] = None,
+                 after_chunk: Optional[AfterChunk] = None, resume: Optional[LoopProgress] = None,
+                 progress: bool = False, label: str = "", keep_edits: bool = False) -> LoopResult:
     """Edit ``records`` in chunks of ``chunk`` with ``runner`` under ``protocol`` and score them.
 
     Curve points (accumulating protocols): after every ``curve_every``-th chunk and when the number of facts
     edited reaches a value in ``checkpoints``, every fact edited so far is scored (``result.curve``, the
-    final scores last). ``reference`` is required when the protocol scores locality as agreement.
-    ``keep_edits`` leaves the edits in the model (the demo); otherwise the runner rolls back at the end.
+    final scores last). ``score_on``: indices of the records that are scored (a sample of a large batch;
+    every record is still edited); None scores all. ``reference`` (the unedited model's locality
+    predictions, one entry per record) is required when the protocol scores locality as agreement.
+    ``resume``: the progress of an earlier run of the same loop whose edits the runner has already restored
+    into the model; editing continues with the next chunk. ``keep_edits`` leaves the edits in the model
+    (the demo); otherwise the runner rolls back at the end.
     """
     if chunk < 1 or not records:
         raise ValueError(f"need a positive chunk size and at least one record, got chunk={chunk}, {len(records)} records")
     model, tok = runner.bench.model, runner.bench.tok
     starts = list(range(0, len(records), chunk))
     marks = set(checkpoints)
-    curve: list[dict[str, Any]] = []
-    scores: list[tuple[int, dict[str, Any]]] = []
-    seconds = 0.0
+    scored = set(range(len(records)) if score_on is None else score_on)
+    state = resume or LoopProgress()
+
+    def scored_part(first: int, last: int) -> tuple[list[EditRecord], Optional[list]]:
+        picked = [i for i in range(first, last) if i in scored]
+        return [records[i] for i in picked], None if reference is None else [reference[i] for i in picked]
+
     ok = False
     try:
-        with tqdm(total=len(records), desc=f"editing {label}".strip(), unit="edit", disable=not progress) as bar:
-            for done, start in enumerate(starts, start=1):
-                batch = records[start:start + chunk]
-                seconds += runner.edit(batch)
-                bar.update(len(batch))
-                if after_chunk is not None:
-                    after_chunk(done)
+        with tqdm(total=len(records), initial=min(len(records), state.chunks_done * chunk), unit="edit",
+                  desc=f"editing {label}".strip(), disable=not progress) as bar:
+            for done, start in enumerate(starts[state.chunks_done:], start=state.chunks_done + 1):
+                end = min(start + chunk, len(records))
+                state.edit_seconds += runner.edit(records[start:end])
+                bar.update(end - start)
                 if not protocol.accumulate:
-                    ref = None if reference is None else reference[start:start + chunk]
-                    scores.append((len(batch), score(model, tok, batch, protocol, dataset, ref)))
+                    facts, ref = scored_part(start, end)
+                    if facts:
+                        m = score(model, tok, facts, protocol, dataset, ref)
+                        state.rounds.append([len(facts), {k: m[k] for k in (*METRICS, "scoring")}])
                     runner.roll_back()
-                    continue
-                edited = start + len(batch)
-                if done < len(starts) and ((curve_every and done % curve_every == 0) or edited in marks):
-                    seen = records[:edited]
-                    ref = None if reference is None else reference[:edited]
-                    point = score(model, tok, seen, protocol, dataset, ref)
-                    curve.append({"num_seq": done, "n_edited": edited, **{k: point[k] for k in METRICS}})
+                elif done < len(starts) and ((curve_every and done % curve_every == 0) or end in marks):
+                    facts, ref = scored_part(0, end)
+                    point = score(model, tok, facts, protocol, dataset, ref)
+                    state.curve.append({"num_seq": done, "n_edited": end, **{k: point[k] for k in METRICS}})
+                state.chunks_done = done
+                if after_chunk is not None:
+                    after_chunk(state)
         if protocol.accumulate:
-            metrics = score(model, tok, records, protocol, dataset, reference, progress)
+            facts, ref = scored_part(0, len(records))
+            metrics = score(model, tok, facts, protocol, dataset, ref, progress)
             if curve_every or marks:
-                curve.append({"num_seq": len(starts), "n_edited": len(records), **{k: metrics[k] for k in METRICS}})
+                state.curve.append({"num_seq": len(starts), "n_edited": len(records),
+                                    **{k: metrics[k] for k in METRICS}})
         else:
-            metrics = {**_weighted(scores), "scoring": scores[0][1]["scoring"]}
+            metrics = {**_weighted(state.rounds), "scoring": state.rounds[0][1]["scoring"]}
         ok = True
     finally:
         if not (ok and keep_edits):
             runner.roll_back()
-    return LoopResult(metrics, curve, seconds, len(starts))
+    return LoopResult(metrics, state.curve, state.edit_seconds, len(starts))

@@ -11,7 +11,7 @@ import abc
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 from torch import nn
 
@@ -57,7 +57,7 @@ class Training:
     """
 
     records: Sequence[EditRecord]
-    data_file: Optional[Path]
+    data_key: Union[Path, str, None]  # keys the archive: the training file (its bytes), or a string naming the records
     archive_root: Path
     label: str
     retrain: bool = False
@@ -75,6 +75,9 @@ class FamilyRunner(abc.ABC):
 
     #: Whether :meth:`prepare` trains (and so needs :class:`Training`).
     trains: ClassVar[bool] = False
+    #: Whether :meth:`save_state` / :meth:`load_state` carry the edits made so far into another process, so that
+    #: a long run killed at any moment continues where it saved (else it starts over).
+    resumable: ClassVar[bool] = False
 
     def __init__(self, bench: Bench, choice: MethodChoice) -> None:
         self.bench, self.choice = bench, choice
@@ -101,6 +104,14 @@ class FamilyRunner(abc.ABC):
     def roll_back(self) -> None:
         """Undo every edit since the first one, bit for bit."""
         self.snapshot.restore()
+
+    def save_state(self, folder: Path) -> None:
+        """Write the edits made so far into ``folder`` (atomically; the model is unchanged)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its edits; its runs start over")
+
+    def load_state(self, folder: Path) -> None:
+        """Put the edits saved by :meth:`save_state` into the (unedited) model; :meth:`roll_back` still undoes them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load saved edits; its runs start over")
 
     def report(self) -> dict[str, Any]:
         """Extra fields for the result row (e.g. EasyEdit's own metrics); read after the edits."""

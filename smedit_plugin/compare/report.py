@@ -8,7 +8,7 @@ from ..table import format_table as layout
 from .config import METRIC_NAMES
 
 #: Column label of each metric in tables and plots.
-METRIC_LABELS = {"efficacy": "ES", "generalization": "GS", "specificity": "LS", "portability": "PS"}
+METRIC_LABELS = {"efficacy": "ES", "generalization": "GS", "specificity": "LS", "portability": "PS", "average": "avg"}
 
 
 def shown_metrics(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
@@ -124,3 +124,74 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
+
+
+def _shape(row: dict[str, Any]) -> str:
+    """A sweep cell's size: ``1024``, ``20x100`` (chunks of 20, 100 of them), ``1000 in 10s``."""
+    if row["protocol"] in ("batch",) or row["total"] == row["chunk"]:
+        return str(row["total"])
+    if row["n_edits"] == row["chunk"]:
+        return f"{row['chunk']}x{row['total'] // row['chunk']}"
+    return f"{row['total']} in {row['chunk']}s"
+
+
+def _line(row: dict[str, Any], sizes: set[int]) -> str:
+    """A sweep plot's line: the method, and its round size when the sweep varies it."""
+    return row["method"] + (f" (rounds of {row['chunk']})" if len(sizes) > 1 else "")
+
+
+def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
+    """The finished cells of a sweep, one line each, metrics in percent (the unedited model's LS beside them)."""
+    final = sorted((r for r in rows if r.get("point") is None), key=lambda r: (r["method"], r["total"], r["seed"]))
+    if not final:
+        return "no finished cells"
+    metrics = shown_metrics(final)
+    avg = any("average" in r for r in final)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    secs = lambda v: "-" if v is None else f"{v:.3f}"
+    head = (["method", "edits", "seed"] + [f"{METRIC_LABELS[m]} %" for m in metrics] + (["avg %"] if avg else [])
+            + ["unedited LS %", "train s/edit", "edit s/edit", "peak MB", "train peak MB"])
+    lines = [[r["method"], _shape(r), str(r["seed"])] + [pct(r.get(m)) for m in metrics]
+             + ([pct(r.get("average"))] if avg else [])
+             + [pct(r["unedited"]["specificity"]), secs(r.get("train_s_per_edit")), secs(r.get("edit_s_per_edit")),
+                f"{r['peak_rss_mb']:.0f}", "-" if r.get("train_peak_rss_mb") is None else f"{r['train_peak_rss_mb']:.0f}"]
+             for r in final]
+    notes = [f"{r['method']}: {r['error']}" for r in final if r.get("error")]
+    return "\n".join([layout(head, lines, left=3)] + notes)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Each metric (and the seconds per edit) against the number of facts edited, a line per method (mean over
+    seeds, the range as a band). Checkpoint rows give the curve of one run; final rows the cells of the grid."""
+    plt = _pyplot()
+
+    final = [r for r in rows if r.get("point") is None and r.get("efficacy") is not None]
+    if not final:
+        raise ValueError("no finished cells to plot")
+    metrics = list(shown_metrics(final)) + (["average"] if any("average" in r for r in final) else [])
+    panels = metrics + ["train_s_per_edit", "edit_s_per_edit"]
+    sizes = {r["chunk"] for r in final}
+    points = [r for r in rows if r.get("point") is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    for ax, key in zip(axes, panels):
+        lines: dict[str, dict[int, list[float]]] = {}
+        for r in final + (points if key in metrics else []):
+            x = r["point"] if r.get("point") is not None else r["total"]
+            value = r.get(key)
+            if value is not None:
+                lines.setdefault(_line(r, sizes), {}).setdefault(x, []).append(value * (100 if key in metrics else 1))
+        for label, by_x in sorted(lines.items()):
+            xs = sorted(by_x)
+            means = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+            ax.plot(xs, means, marker="o", label=label)
+            if any(len(by_x[x]) > 1 for x in xs):
+                ax.fill_between(xs, [min(by_x[x]) for x in xs], [max(by_x[x]) for x in xs], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(METRIC_LABELS.get(key, key.replace("_", " ")))
+        ax.set_xlabel("facts edited")
+        ax.set_ylabel("%" if key in metrics else "seconds")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    first = final[0]
+    fig.suptitle(f"{first['model']} · {first['dataset']} · {first['protocol']}")
+    return _save(plt, fig, path)

@@ -135,7 +135,8 @@ def run_method(ctx: RunContext, runner: FamilyRunner, label: str, probe: Optiona
     cfg = ctx.cfg
     result = run_protocol(runner, cfg.declared, ctx.evaluation, chunk=cfg.sizes[1], dataset=cfg.dataset,
                           reference=ctx.reference, curve_every=cfg.curve_every, checkpoints=cfg.checkpoints,
-                          after_chunk=probe, progress=cfg.progress, label=label)
+                          after_chunk=None if probe is None else (lambda state: probe(state.chunks_done)),
+                          progress=cfg.progress, label=label)
     row = MethodRow(**{k: result.metrics[k] for k in METRIC_NAMES},
                     edit_s_per_edit=result.edit_seconds / len(ctx.evaluation), **runner.report())
     if result.curve:

@@ -210,8 +210,10 @@ class TrainedArchive:
         return self.trained is not None
 
 
-def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: str, train_data: Path) -> str:
-    """The one cache key of a trained archive: method, model, dataset, every training field and the data bytes."""
+def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: str,
+                        train_data: Union[Path, str, None]) -> str:
+    """The one cache key of a trained archive: method, model, dataset, every training field and the data (a file's
+    bytes, or a string that names exactly which records)."""
     h = hashlib.sha256()
     for part in (FORMAT, train_hp.alg_name, model_key, dataset, train_hp.to_dict(), train_data):
         if isinstance(part, Path) and part.is_file():
@@ -221,7 +223,7 @@ def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: 
     return h.hexdigest()[:12]
 
 
-def archive_path(train_hp: HypernetHyperParams, *, train_data: Path, model_key: str, dataset: str, root: Path,
+def archive_path(train_hp: HypernetHyperParams, *, train_data: Union[Path, str, None], model_key: str, dataset: str, root: Path,
                  label: str) -> Path:
     """Where :func:`train_or_reuse` keeps the archive of these settings; ``label`` only makes the name readable."""
     key = archive_fingerprint(train_hp, model_key, dataset, train_data)
@@ -245,8 +247,8 @@ def ensure_trained(model: nn.Module, tok, train_hp: HypernetHyperParams, train_r
 
 
 def train_or_reuse(model: nn.Module, tok, train_hp: HypernetHyperParams, train_records: Sequence[EditRecord], *,
-                   train_data: Path, model_key: str, dataset: str, root: Path, label: str, retrain: bool = False,
-                   progress: bool = True, reduce: RowReduce = SINGLE) -> TrainedArchive:
+                   train_data: Union[Path, str, None], model_key: str, dataset: str, root: Path, label: str,
+                   retrain: bool = False, progress: bool = True, reduce: RowReduce = SINGLE) -> TrainedArchive:
     """The cached archive of these training settings under ``root`` (:func:`archive_fingerprint` is the one key)."""
     archive = archive_path(train_hp, train_data=train_data, model_key=model_key, dataset=dataset, root=root,
                            label=label)
