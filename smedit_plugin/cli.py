@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from .commands.base import Runner, Setup
+from .errors import FolderInUseError
 from .methods import METHODS
 
 
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderInUseError) as exc:
         print(f"smedit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
+
+from .errors import SettingsMismatchError, short_repr
 
 T = TypeVar("T")
 
@@ -76,6 +78,31 @@ class RowReduce:
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()
+
+    def check_same(self, fields: dict[str, Any], what: str) -> None:
+        """Every rank's ``fields`` equal rank 0's, else every rank raises :class:`SettingsMismatchError`.
+
+        Called before any collective whose size depends on these settings (another hypernetwork rank would
+        otherwise die in a gloo "connection reset", another ``reg_coef`` would train rank 0's meta silently).
+        Rank 0's message names each rank and field that differ; the other ranks say that rank 0 reports.
+        """
+        if not self.active:
+            return
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, fields)
+        first = gathered[0]
+        differences = [f"rank {rank}: {key} = {short_repr(theirs.get(key))} (rank 0: {short_repr(first.get(key))})"
+                       for rank, theirs in enumerate(gathered) if rank
+                       for key in sorted(set(first) | set(theirs)) if theirs.get(key) != first.get(key)]
+        if not differences:
+            return
+        if self.is_first:
+            raise SettingsMismatchError(
+                f"the data-parallel ranks were started with different {what}; every rank must get the same:\n  - "
+                + "\n  - ".join(differences) + "\n(torchrun / accelerate run one command per rank: check per-node "
+                "files, environment variables and command lines). Nothing was trained or written")
+        raise SettingsMismatchError(f"rank {self.rank}: the data-parallel ranks were started with different {what}; "
+                                    "rank 0 reports which")
 
     def decided_by_first(self, value: T) -> T:
         """Rank 0's ``value`` on every rank: one decision taken from rank 0's view of the files (on several

@@ -8,6 +8,24 @@ class HyperParamsError(ValueError):
     """A hyperparameter file or value is wrong; the message names the field, the file and the fix."""
 
 
+def short_repr(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters, for naming a value in an error message."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class SettingsMismatchError(ValueError):
+    """Runs that must agree do not: a resumed archive and this run, or two data-parallel ranks; names each field."""
+
+
+class OutputTargetError(ValueError):
+    """A command's output target cannot be written (not writable, a folder where a file goes, a link leading out)."""
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the writer lock of a saved folder; the message names the folder and the holder's pid."""
+
+
 class MethodUnavailable(RuntimeError):
     """A method cannot run on this machine or model (its library is missing, it has no YAML for the model);
     the message says why, and ``smedit compare`` puts it in that method's row instead of stopping."""

@@ -5,9 +5,14 @@
 * ``locality`` (EasyEdit's ``{name: {"prompt": ..., "ground_truth": ...}}``): a malformed entry is refused,
   because EasyEdit would otherwise fail or mis-score it only after the edit.
 * The same prompt with two different targets in one batch: both cannot hold, so a warning names them.
+* Targets the model cannot be taught as text are **refused**: one holding a special token of the tokenizer
+  (``<|endoftext|>``: it becomes a control token, not text), one holding an invisible character (a zero-width
+  space, a byte-order mark: copied text often carries one, and the model would learn to emit it), and one
+  with nothing visible at all.
 """
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +28,36 @@ def check_lengths(tok: Any, prompts: Sequence[str], targets: Sequence[str], max_
             raise ValueError(f"request {i} ({prompt[:40]!r}...) is {n} tokens (prompt + target), over the hparams field "
                              f"max_length = {max_length}; shorten it or raise max_length (requests are refused, "
                              "never truncated, since truncation would edit another fact)")
+
+
+#: Invisible characters still allowed inside visible text: zero-width (non-)joiners shape emoji and Indic scripts.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _invisible(char: str) -> bool:
+    """A format or control character (Unicode Cf/Cc) other than tab, newline and the joiners."""
+    return unicodedata.category(char) in ("Cf", "Cc") and char not in "\t\n" and char not in _JOINERS
+
+
+def check_targets(tok: Any, targets: Sequence[str]) -> None:
+    """Refuse a target holding a special token of ``tok``, an invisible character, or nothing visible."""
+    specials = set(getattr(tok, "all_special_tokens", None) or [])
+    specials |= {str(t) for t in (getattr(tok, "added_tokens_decoder", None) or {}).values()
+                 if getattr(t, "special", False)}
+    for i, target in enumerate(targets):
+        found = sorted(t for t in specials if t and t in target)
+        if found:
+            raise ValueError(f"request {i}: target_new {target!r} holds the tokenizer's special token {found[0]!r}, which "
+                             "becomes a control token (end of text, chat markup), not text the model can be taught "
+                             "to say; remove it from the target")
+        hidden = [(at, ch) for at, ch in enumerate(target) if _invisible(ch)]
+        if hidden:
+            at, ch = hidden[0]
+            raise ValueError(f"request {i}: target_new {target!r} holds an invisible character U+{ord(ch):04X} "
+                             f"({unicodedata.name(ch, 'unnamed')}) at position {at}; remove it (copied text often "
+                             "carries one, and the model would learn to emit it)")
+        if not any(not ch.isspace() and ch not in _JOINERS for ch in target):
+            raise ValueError(f"request {i}: target_new {target!r} has no visible character; give the new answer as text")
 
 
 def warn_contradictions(prompts: Sequence[str], targets: Sequence[str]) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Union
+
+from .fileio import inside
 
 HPARAMS_PACKAGE = "smedit_plugin.hparams_files"
 #: ``$SMEDIT_HPARAMS_DIR`` replaces the shipped tree (a folder in EasyEdit's ``hparams/`` layout).
@@ -47,8 +48,14 @@ def shipped_names(root: Union[Path, None] = None) -> list[str]:
 
 
 def is_shipped_name(value: Union[str, os.PathLike]) -> bool:
-    """True for a string shaped like a shipped name that is not an existing file."""
-    return isinstance(value, str) and bool(_NAME.match(value)) and not Path(value).exists()
+    """True for a string shaped like a shipped name (no ``.``/``..`` part) that is not an existing file."""
+    return (isinstance(value, str) and bool(_NAME.match(value)) and not _climbs(value)
+            and not Path(value).exists())
+
+
+def _climbs(name: str) -> bool:
+    """Whether a name has a ``.`` or ``..`` part (it could lead out of the hparams tree)."""
+    return any(part.strip(".") == "" for part in name.split("/"))
 
 
 def shipped_hparams_path(name: str) -> Path:
@@ -56,7 +63,11 @@ def shipped_hparams_path(name: str) -> Path:
     import difflib
 
     stem = name[: -len(YAML_SUFFIX)] if name.endswith(YAML_SUFFIX) else name
-    path = hparams_root() / f"{stem}{YAML_SUFFIX}"
+    root = hparams_root()
+    path = root / f"{stem}{YAML_SUFFIX}"
+    if _climbs(stem) or not _NAME.match(name) or not inside(root, path):
+        raise FileNotFoundError(f"{name!r} is not a shipped hparams name (METHOD/model or TRAINING/METHOD/model inside "
+                                f"{root}); a lookup never leaves that folder")
     if path.is_file():
         return path
     names = shipped_names()
@@ -83,15 +94,27 @@ def easyedit_hparams_root() -> Path:
 
 
 def export_hparams(out: Path) -> list[Path]:
-    """Copy the YAML tree into ``out`` in EasyEdit's ``hparams/`` layout; refuses to overwrite a file."""
+    """Copy the YAML tree into ``out`` in EasyEdit's ``hparams/`` layout.
+
+    Every target is checked before the first is written: an existing file or link at a target, or a link on
+    the way to one, is refused, so a write never follows a link out of ``out``. Each file is created new
+    (``O_EXCL | O_NOFOLLOW``), so nothing existing is overwritten even if it appears meanwhile.
+    """
     root = hparams_root()
     names = shipped_names(root)
     targets = [out / f"{name}{YAML_SUFFIX}" for name in names]
-    existing = [t for t in targets if t.exists()]
-    if existing:
-        raise FileExistsError(f"{existing[0]} already exists (and {len(existing) - 1} more); export into an empty "
-                              "folder or remove them first")
+    for target in targets:
+        rel = target.relative_to(out)
+        links = [out / p for p in reversed(rel.parents) if str(p) != "." and (out / p).is_symlink()]
+        if links or os.path.lexists(target):
+            what = (f"{links[0]} is a symbolic link (to {os.readlink(links[0])}); a write through it could leave {out}"
+                    if links else f"{target} already exists" + (" (a symbolic link)" if target.is_symlink() else ""))
+            raise FileExistsError(f"--export {what}; export into an empty folder or remove it first (nothing was written)")
     for name, target in zip(names, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / f"{name}{YAML_SUFFIX}", target)
+        if not inside(out, target.parent):
+            raise FileExistsError(f"--export {target.parent} leads outside {out}; nothing more was written")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write((root / f"{name}{YAML_SUFFIX}").read_bytes())
     return targets

@@ -168,3 +168,26 @@ def compare_config(train_data: str, eval_data: str, root: str):
     return CompareConfig(model="smollm2-135m", dataset="zsre", train_data=Path(train_data), eval_data=Path(eval_data),
                          methods=["SMEdit", "MALMEN2[micro_batch_size=2]"], protocol="batch", n_edits=8,
                          archive_root=Path(root), progress=False)
+
+
+def mismatch_case(rank: int, world_size: int, data: str, out: str, field: str, value, report: str) -> None:
+    """``train_hypernet`` on every rank, rank 1 with ``field = value``; each rank reports how it ended to
+    ``report + ".rank<r>.json"`` (so the test sees rank 0's own message, not whichever rank failed first)."""
+    import json
+
+    from smedit_plugin.records import load_records
+    from smedit_plugin.distributed import RowReduce
+    from smedit_plugin.hypernet.training import train_hypernet
+    from smedit_plugin.testing import tiny_model
+
+    model, tok = tiny_model("smollm2", n_layers=4)
+    hp = case_hparams("SMEdit")
+    if rank == 1:
+        hp = hp.replace(**{field: value})
+    try:
+        train_hypernet(model, tok, hp, load_records(Path(data), "zsre", limit=48), out, model_name="tiny-smollm2",
+                       progress=False, reduce=RowReduce(rank, world_size))
+        outcome = {"ok": True}
+    except Exception as exc:  # reported, not raised: the test compares the ranks' messages
+        outcome = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
+    Path(f"{report}.rank{rank}.json").write_text(json.dumps(outcome))

@@ -148,9 +148,11 @@ def test_archive_holds_only_safetensors_and_json(tiny4, tmp_path) -> None:
         p.grad = torch.ones_like(p)
     opt.step()
     path = save_archive(tmp_path / "arch", editor, model_name="tiny-smollm2", optimizer=opt)
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000001"]
+    assert sorted(p.name for p in path.iterdir()) == [".smedit-lock", "manifest.json", "v-000001"]
     path = archive_folder(path)
-    assert sorted(p.name for p in path.iterdir()) == ["hypernet.safetensors", "meta.json", "optimizer.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["hypernet.safetensors", "meta.json", "optimizer.safetensors",
+                                                      "version.json"]
+    json.loads((path / "version.json").read_text(encoding="utf-8"))
     json.loads((path / "meta.json").read_text(encoding="utf-8"))
     for name in ("hypernet.safetensors", "optimizer.safetensors"):
         head = (path / name).read_bytes()[:2]
@@ -185,7 +187,7 @@ def test_failed_save_keeps_the_previous_archive(tiny4, tmp_path, monkeypatch) ->
     assert after.keys() == kept.keys() and all(torch.equal(after[k], kept[k]) for k in kept)
     assert read_meta(path)["alg_name"] == "MALMEN2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arch"]  # no temporary directories left behind
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000002"]
+    assert sorted(p.name for p in path.iterdir()) == [".smedit-lock", "manifest.json", "v-000002"]
 
 
 def test_resume_after_two_units_equals_one_run(tiny4, tmp_path, zsre_train_path) -> None:

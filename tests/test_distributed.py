@@ -4,10 +4,12 @@ The workers live in tests/distributed_workers.py (spawned children import them f
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from distributed_workers import CASES, case_hparams, math_case, run_ranks, shift_and_meta_grad, train_case
+from distributed_workers import CASES, case_hparams, math_case, mismatch_case, run_ranks, shift_and_meta_grad, train_case
 from smedit_plugin.distributed import SINGLE, RowReduce
 
 
@@ -109,6 +111,23 @@ def test_a_failing_rank_stops_the_run_with_its_error_and_the_last_archive_loads(
     _HP_OF[str(out)] = case_hparams("SMEdit")
     assert read_meta(out)["train_state"]["units_done"] == 2  # the checkpoint after unit 2 is there and loads
     assert _archive_tensors(out)
+
+
+@pytest.mark.parametrize("field,value", [("reg_coef", 0.05), ("rank", 2)], ids=["reg_coef", "hypernetwork-rank"])
+def test_ranks_started_with_other_settings_fail_at_once_naming_the_rank_and_field(tmp_path, field, value) -> None:
+    """Issue 26: another reg_coef trained rank 0's meta silently, another hypernetwork rank died in a gloo
+    "connection reset"; now every rank stops before the first collective that depends on them."""
+    import json
+
+    from smedit_plugin.records import sample_path
+
+    report, out = tmp_path / "report", tmp_path / "archive"
+    run_ranks(2, mismatch_case, str(sample_path("zsre_sample")), str(out), field, value, str(report))
+    rank0, rank1 = (json.loads(Path(f"{report}.rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["type"] == rank1["type"] == "SettingsMismatchError", (rank0, rank1)
+    assert f"rank 1: {field} = {value!r} (rank 0: {getattr(case_hparams('SMEdit'), field)!r})" in rank0["message"]
+    assert "rank 0 reports which" in rank1["message"]
+    assert not out.exists()  # nothing trained, nothing written
 
 
 @pytest.mark.slow

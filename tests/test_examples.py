@@ -132,7 +132,8 @@ def test_consecutive_comeba_hk_restores_exactly_and_reloads(runs: dict[str, Run]
     assert "edited outputs reproduced exactly: True" in stdout
     state = Path(result["state_dir"])
     assert (state / "manifest.json").is_file()
-    assert sorted(p.name for p in (state / "v-000001").iterdir()) == ["hook_state.json", "hook_state.safetensors"]
+    assert sorted(p.name for p in (state / "v-000001").iterdir()) == ["hook_state.json", "hook_state.safetensors",
+                                                                       "version.json"]
 
 
 def test_compare_methods_prints_the_table_and_writes_rows(runs: dict[str, Run]) -> None:

@@ -87,6 +87,11 @@ def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def entries(folder: Path) -> list[str]:
+    """A saved folder's entries without the writer lock the plugin keeps beside them."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in fileio.BOOKKEEPING)
+
+
 def tensors_of(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
 
@@ -303,7 +308,7 @@ def test_finding1_train_out_is_refused_before_the_model_loads(what, monkeypatch,
         (out / "notes.txt").write_text("precious")
     assert cli.main(["train", "TRAINING/SMEdit/smollm2-135m", "--data", "x.json", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "--out" in err and "--overwrite" in err
+    assert "--out" in err and ("--overwrite" in err if what == "folder" else "existing file where a folder goes" in err)
     assert (out.read_text() if what == "file" else (out / "notes.txt").read_text()) == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden .out.old
 
@@ -542,13 +547,15 @@ def test_save_state_refuses_a_foreign_folder_and_a_file(model, tok, tmp_path) ->
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     (tmp_path / "file").write_text("precious")
-    for target, needle in ((tmp_path / "mine", "non-empty folder that is not a saved state"),
+    for target, needle in ((tmp_path / "mine", "holds entries smedit-plugin did not write: thesis.tex"),
                            (tmp_path / "file", "existing file")):
         with pytest.raises(FileExistsError, match=needle):
             save_hook_state(model, target)
+    with pytest.raises(FileExistsError, match="existing file"):  # overwrite never deletes what is not ours
+        save_hook_state(model, tmp_path / "file", overwrite=True)
+    save_hook_state(model, tmp_path / "mine", overwrite=True)  # written beside the user's file
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious" and (tmp_path / "file").read_text() == "precious"
-    save_hook_state(model, tmp_path / "file", overwrite=True)
-    assert (tmp_path / "file" / "manifest.json").is_file()
+    assert entries(tmp_path / "mine") == ["manifest.json", "thesis.tex", "v-000001"]
 
 
 # ============================================================================================
@@ -665,7 +672,7 @@ def _save_archive_v2(model, tok, path: Path):
                         optimizer=torch.optim.Adam(HypernetEditor(model, SMEditHyperParams(**SMALL)).unique_parameters()))
 
 
-SAVE_STEPS = ["write files", "checksum", "rename version", "publish manifest", "remove old version"]
+SAVE_STEPS = ["write files", "checksum", "publish manifest", "verify", "remove old version"]
 
 
 def _interrupt_step(monkeypatch, step: str) -> None:
@@ -677,25 +684,12 @@ def _interrupt_step(monkeypatch, step: str) -> None:
         monkeypatch.setattr(archive_module, "save_file", boom)
     elif step == "checksum":
         monkeypatch.setattr(fileio, "sha256_of", boom)
-    elif step in ("rename version", "publish manifest"):
-        real, calls = fileio.os.replace, []
-
-        def replace(src, dst):
-            calls.append(dst)
-            if len(calls) == (1 if step == "rename version" else 2):
-                raise KeyboardInterrupt
-            return real(src, dst)
-
-        monkeypatch.setattr(fileio.os, "replace", replace)
+    elif step == "publish manifest":
+        monkeypatch.setattr(fileio.os, "replace", boom)
+    elif step == "verify":  # after the new manifest is in place: the previous one is put back
+        monkeypatch.setattr(fileio, "current_version", boom)
     else:
-        real_remove = fileio._remove
-
-        def remove(path):
-            if fileio._VERSION.fullmatch(path.name):
-                raise KeyboardInterrupt
-            return real_remove(path)
-
-        monkeypatch.setattr(fileio, "_remove", remove)
+        monkeypatch.setattr(fileio, "_retire", boom)
 
 
 @pytest.mark.parametrize("step", SAVE_STEPS)
@@ -714,11 +708,10 @@ def test_finding2_ctrl_c_at_each_step_of_an_archive_save(model, tok, smedit_arch
     load_archive(path, model, hp)
     if step == "remove old version":
         with pytest.warns(UserWarning, match="interrupted save left behind: v-000001"):
-            editor, _ = _save_archive_v2(model, tok, path)  # the next save cleans up what was left
+            editor, _ = _save_archive_v2(model, tok, path)  # the next save removes what its journal recorded
     else:
         editor, _ = _save_archive_v2(model, tok, path)
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000002" if step != "remove old version"
-                                                      else "v-000003"]
+    assert entries(path) == ["manifest.json", "v-000002" if step != "remove old version" else "v-000003"]
     assert same_tensors(tensors_of(archive_folder(path), archive_module.WEIGHTS),
                         {k: v.cpu() for k, v in editor.nets.state_dict().items()})
 
@@ -737,7 +730,7 @@ def _disk_full_on(monkeypatch, name: str) -> None:
     real_write = pathlib.Path.write_text
 
     def write_text(self, *args, **kwargs):
-        if self.name == name or self.name.startswith(f".{name}."):
+        if self.name == name or (name == fileio.MANIFEST and self.name.startswith(".smedit-manifest-")):
             raise ENOSPC
         return real_write(self, *args, **kwargs)
 
@@ -753,7 +746,7 @@ def test_disk_full_on_each_file_of_an_archive_save(model, tok, smedit_archive, m
         with pytest.raises(OSError, match="No space left"):
             _save_archive_v2(model, tok, path)
     assert same_tensors(tensors_of(archive_folder(path), archive_module.WEIGHTS), old)
-    assert fileio.leftovers(path) == [] and sorted(p.name for p in path.iterdir()) == ["manifest.json", "v-000001"]
+    assert fileio.leftovers(path) == [] and entries(path) == ["manifest.json", "v-000001"]
     load_archive(path, model, hp)
 
 
@@ -778,19 +771,23 @@ def test_finding2_disk_full_on_each_file_of_a_state_save(tiny4, saved_state, mon
     assert int(find_state(newer).steps) == 2
 
 
-def test_a_killed_state_save_leaves_the_old_state_and_is_cleaned_up(tiny4, saved_state) -> None:
+def test_user_entries_named_like_a_saves_own_are_left_alone(tiny4, saved_state) -> None:
+    """Issue 26: ``.partial-*`` and ``v-NNNNNN`` made by the user are not leftovers: nothing records them as ours."""
     folder, old, _ = saved_state
-    partial = folder / ".partial-x1y2"
-    partial.mkdir()
-    (partial / "hook_state.safetensors").write_bytes(b"\x00" * 10)  # a save killed half way through its first file
-    (folder / "v-000007").mkdir()  # a save killed between its rename and the manifest
+    (folder / ".partial-x1y2").mkdir()
+    (folder / ".partial-x1y2" / "chapter1.tex").write_bytes(b"\x00" * 10)
+    (folder / "v-000007").mkdir()
+    (folder / "v-000007" / "results.csv").write_text("a,b\n")
+    mine = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and ("partial" in str(p) or "v-000007" in str(p))}
     fresh = copy.deepcopy(tiny4[0])
     load_hook_state(fresh, folder)
     loaded = dict(fresh.named_parameters())
     assert all(torch.equal(loaded[k].detach(), v) for k, v in old.items())
-    with pytest.warns(UserWarning, match="interrupted save left behind: .partial-x1y2, v-000007"):
+    with pytest.raises(FileExistsError, match=r"\.partial-x1y2, v-000007.*only look like a save's own names"):
         save_hook_state(fresh, folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "v-000002"]
+    save_hook_state(fresh, folder, overwrite=True)  # beside them
+    assert entries(folder) == [".partial-x1y2", "manifest.json", "v-000007", "v-000008"]
+    assert {p: p.read_bytes() for p in mine} == mine
 
 
 # -- training: --out and resume ----------------------------------------------------------------
@@ -817,13 +814,20 @@ def test_finding1_train_refuses_an_out_that_is_not_this_runs_archive(model, tok,
         make_archive(model, tok, SMEditHyperParams(**SMALL), out)
     snapshot = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     before = params_of(model)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite" if what != "file" else "existing file where a folder goes"):
         train_hypernet(model, tok, _train_hp(), records, out, progress=False)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
     assert_untouched(model, before)
+    if what == "file":  # --overwrite never deletes what the plugin did not write
+        with pytest.raises(FileExistsError, match="existing file"):
+            train_hypernet(model, tok, _train_hp(max_steps=1), records, out, progress=False, overwrite=True)
+        assert out.read_text() == "precious"
+        return
     train_hypernet(model, tok, _train_hp(max_steps=1), records, out, progress=False, overwrite=True)
     assert read_meta(out)["alg_name"] == "MALMEN1"
-    assert [p.name for p in sorted(out.iterdir())][0] == "manifest.json" and len(list(out.iterdir())) == 2
+    kept = ["thesis.tex"] if what == "folder" else []
+    assert entries(out) == sorted(["manifest.json", _state_version(out).name, *kept])
+    assert all((out / name).read_text() == "precious" for name in kept)
 
 
 def test_finding2_interrupted_checkpoint_then_resume(model, tok, tmp_path, records, monkeypatch) -> None:
@@ -836,11 +840,9 @@ def test_finding2_interrupted_checkpoint_then_resume(model, tok, tmp_path, recor
         with pytest.raises(KeyboardInterrupt):
             train_hypernet(model, tok, _train_hp(), records, out, progress=False)
     assert same_tensors(tensors_of(archive_folder(out), archive_module.WEIGHTS), after_one)
-    (out / ".partial-killed").mkdir()  # as a SIGKILL during a save would leave it
-    with pytest.warns(UserWarning, match="interrupted save left behind"):
-        result = train_hypernet(model, tok, _train_hp(), records, out, progress=False)
+    result = train_hypernet(model, tok, _train_hp(), records, out, progress=False)
     assert result.state.units_done == 2 and result.edits_seen == 2  # resumed from unit 1, not from scratch
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "v-000004"]  # unit-2 checkpoint, final save
+    assert entries(out) == ["manifest.json", _state_version(out).name]  # the unit-2 checkpoint was retired
     assert read_meta(out)["complete"] is True
 
 

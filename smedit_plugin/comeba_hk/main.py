@@ -28,7 +28,7 @@ from ..edit_modules import refuse_offloaded, weight_shape_in_out
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit, weights_copy_wanted
 from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
 from ..precision import float32_edit_weights, wants_float32
-from ..request_checks import check_lengths, check_locality, warn_contradictions
+from ..request_checks import check_lengths, check_locality, check_targets, warn_contradictions
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
 from .covariance import second_moments
@@ -236,6 +236,7 @@ def apply_comeba_hk_to_model(model: nn.Module, tok: Any, requests: Sequence[dict
         view.encode_target(request.target_new)
     prompts = [r.before + r.subject + r.after for r in prepared]
     check_lengths(tok, prompts, [r.target_new for r in prepared], hparams.max_length)
+    check_targets(tok, [r.target_new for r in prepared])
     warn_contradictions(prompts, [r.target_new for r in prepared])
     model = maybe_copy_model(model, copy)
     mods = _Modules(model, hparams)

@@ -10,7 +10,6 @@ each file's sha256 is verified on load). Removing COMEBA-HK state gives back the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +19,7 @@ from torch import nn
 from safetensors.torch import save_file
 
 from ..editing import edit_transaction
-from ..fileio import current_version, is_versioned_dir, leftovers, write_version
+from ..fileio import current_version, is_versioned_dir, write_version
 from ..methods import LOCATE_FAMILY, method_spec, methods_of_family
 from .covariance import model_fingerprint
 from .hook_layers import CONTROLLER_ATTR, HOOK_ATTR, MODES, HookController, HookLayer, ScopeContext
@@ -137,21 +136,15 @@ class StateError(ValueError):
 def save_hook_state(model: nn.Module, directory: Union[str, Path], *, overwrite: bool = False) -> Path:
     """Publish the state as a new version of ``directory`` (safetensors + JSON, swapped in together by one rename).
 
-    An interrupted or failed save leaves the previous state in ``directory`` loadable and unchanged.
-    A non-empty ``directory`` that is not a saved state is refused unless ``overwrite``. Returns the folder.
+    An interrupted or failed save leaves the previous state in ``directory`` loadable and unchanged. A
+    folder holding entries the plugin did not write is refused unless ``overwrite`` (then the state is
+    written beside them, never deleting them); a file, a hypernetwork archive, a damaged manifest or a
+    ``manifest.json`` the plugin did not write are always refused. Returns the folder.
     """
     controller = find_state(model)
     if controller is None:
         raise ValueError("the model carries no COMEBA-HK/MEMIT-C state to save")
     folder = Path(directory)
-    if folder.exists() and not overwrite:
-        if not folder.is_dir():
-            raise FileExistsError(f"{folder} is an existing file; give a folder for the state, or pass overwrite=True")
-        if not is_versioned_dir(folder) and any(p not in leftovers(folder) for p in folder.iterdir()):
-            raise FileExistsError(f"{folder} is a non-empty folder that is not a saved state; give an empty or new "
-                                  "folder, or pass overwrite=True")
-    if overwrite and folder.exists() and not (folder.is_dir() and is_versioned_dir(folder)):
-        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     tensors = {name: p.detach().contiguous().cpu() for name, p in state_parameters(model).items()}
     if not hook_layers(model, controller)[0].with_hook:  # MEMIT-C: the edits live in the weights
         for name in controller.info["rewrite_modules"]:
@@ -169,7 +162,7 @@ def save_hook_state(model: nn.Module, directory: Union[str, Path], *, overwrite:
         save_file(tensors, str(version / STATE_TENSORS))
         (version / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-    write_version(folder, STATE_FORMAT, write, StateError)
+    write_version(folder, STATE_FORMAT, write, StateError, required=(STATE_TENSORS, STATE_JSON), overwrite=overwrite)
     return folder
 
 
@@ -186,7 +179,7 @@ def _read_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         old = (folder / STATE_JSON).is_file()
         raise StateError(f"{folder} is a state of an older smedit-plugin (no manifest.json, no checksums); edit and "
                          "save it again" if old else f"no saved COMEBA-HK/MEMIT-C state at {folder} (no manifest.json)")
-    version = current_version(folder, STATE_FORMAT, StateError)
+    version = current_version(folder, STATE_FORMAT, StateError, required=(STATE_TENSORS, STATE_JSON))
     try:
         info = json.loads((version / STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -207,17 +200,24 @@ def _read_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return info, tensors
 
 
-def _expected_tensors(model: nn.Module, info: dict[str, Any], hooks: bool) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a state of ``info`` must hold for ``model``."""
-    want: dict[str, tuple[int, ...]] = {f"{CONTROLLER_ATTR}.steps": ()}
+#: dtypes a saved state holds: the step counter is int64; ``c_accu`` is float32 or float64 (``mom2_dtype``, the
+#: same for every layer); ``delta_w`` and ``alpha`` are float32 masters whatever the model's dtype (hook_layers).
+C_ACCU_DTYPES = (torch.float32, torch.float64)
+
+
+def _expected_tensors(model: nn.Module, info: dict[str, Any], hooks: bool
+                      ) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
+    """Name -> (shape, allowed dtypes) of every tensor a state of ``info`` must hold for ``model``."""
+    want: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]] = {f"{CONTROLLER_ATTR}.steps": ((), (torch.long,))}
     for name in info["rewrite_modules"]:
-        d_out, d_in = weight_out_in(get_module(model, name, "rewrite_module_tmp")).shape
-        want[f"{name}.{HOOK_ATTR}.c_accu"] = (d_in, d_in)
+        module = get_module(model, name, "rewrite_module_tmp")
+        d_out, d_in = weight_out_in(module).shape
+        want[f"{name}.{HOOK_ATTR}.c_accu"] = ((d_in, d_in), C_ACCU_DTYPES)
         if hooks:
-            want[f"{name}.{HOOK_ATTR}.delta_w"] = (d_out, d_in)
-            want[f"{name}.{HOOK_ATTR}.alpha"] = ()
+            want[f"{name}.{HOOK_ATTR}.delta_w"] = ((d_out, d_in), (torch.float32,))
+            want[f"{name}.{HOOK_ATTR}.alpha"] = ((), (torch.float32,))
         else:
-            want[f"{name}.weight"] = tuple(get_module(model, name, "rewrite_module_tmp").weight.shape)
+            want[f"{name}.weight"] = (tuple(module.weight.shape), (module.weight.dtype,))
     return want
 
 
@@ -229,7 +229,8 @@ def _check_tensors(model: nn.Module, info: dict[str, Any], tensors: dict[str, to
     if missing or unexpected:
         raise StateError(f"{file}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}; the state is damaged "
                          "or was saved for other layers")
-    for name, shape in want.items():
+    recorded = info["shapes"]
+    for name, (shape, dtypes) in want.items():
         tensor = tensors[name]
         if tuple(tensor.shape) != shape:
             raise StateError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, this model needs {shape}")
@@ -237,8 +238,27 @@ def _check_tensors(model: nn.Module, info: dict[str, Any], tensors: dict[str, to
         if tensor.is_floating_point() != floating:
             raise StateError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected "
                              f"{'a floating-point' if floating else 'an integer'} tensor")
+        saved_as = recorded.get(name, [None])[0] if isinstance(recorded.get(name), list) else None
+        if tensor.dtype not in dtypes or saved_as != str(tensor.dtype).removeprefix("torch."):
+            raise StateError(
+                f"{file}: tensor {name} is {tensor.dtype} but a state saved from this model holds "
+                f"{' or '.join(str(d) for d in dtypes)} there (and {STATE_JSON} records {saved_as}): the file was "
+                "converted after saving. States are never converted on load; save the state again from the edited "
+                "model, or convert the tensor back to the recorded dtype yourself")
         if floating and not bool(tensor.isfinite().all()):
             raise StateError(f"{file}: tensor {name} holds NaN/inf; the state is damaged")
+    c_accu = {tensors[f"{name}.{HOOK_ATTR}.c_accu"].dtype for name in info["rewrite_modules"]}
+    if len(c_accu) > 1:
+        raise StateError(f"{file}: the layers' c_accu tensors have different dtypes ({sorted(map(str, c_accu))}); "
+                         "the state is damaged")
+    for name in info["rewrite_modules"]:
+        module = get_module(model, name, "rewrite_module_tmp")
+        top = torch.finfo(module.weight.dtype).max
+        largest = (float(tensors[f"{name}.weight"].double().abs().max()) if not hooks else
+                   float(module.weight.detach().abs().max()) + float(tensors[f"{name}.{HOOK_ATTR}.delta_w"].double().abs().max()))
+        if not largest <= top:
+            raise StateError(f"{file}: the edited weight of {name} would overflow the model's {module.weight.dtype} "
+                             f"(values up to {largest:.3g}, the dtype holds {top:.3g}); the state is damaged")
 
 
 def load_hook_state(model: nn.Module, directory: Union[str, Path]) -> HookController:

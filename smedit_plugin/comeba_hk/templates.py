@@ -66,6 +66,9 @@ def prepare_requests(requests: Sequence[Mapping[str, Any]]) -> list[EditRequest]
                 "pass subject=[...] to EasyEdit's edit()/batch_edit() or add 'subject' to the request"
             )
         target = _target_text(request.get("target_new"), index)
+        if prompt.count("{}") > 1:
+            raise ValueError(f"request {index}: prompt {prompt!r} has {prompt.count('{}')} '{{}}' placeholders; write one "
+                             "where the subject goes, or none (the subject is then found in the text)")
         if prompt.count("{}") == 1:
             before, after = prompt.split("{}")
         else:

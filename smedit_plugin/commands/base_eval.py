@@ -35,10 +35,12 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_base_eval(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets, write_json_atomic
+
+    check_output_targets(files={"--out": args.out})
     from .._version import __version__
     from ..records import detect_dataset, load_records, sample_path
     from ..evaluation import evaluate_records
-    from ..fileio import write_json_atomic
     from ..models import load_model_and_tokenizer
 
     data = Path(args.data) if args.data else sample_path("zsre_sample_eval")

@@ -49,8 +49,10 @@ def bench_hparams(methods: str, model_key: str) -> list[Any]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets, write_json_atomic
+
+    check_output_targets(files={"--out": args.out})
     from ..compare import peak_rss_mb
-    from ..fileio import write_json_atomic
     from ..hypernet.archive import load_archive
     from ..hypernet.editor import HypernetEditor, edit_batch
     from ..models import load_model_for

@@ -60,8 +60,10 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets, write_json_atomic
+
+    check_output_targets(files={"--out": args.out, "--plot": args.plot}, folders={"--archives": args.archives})
     from ..compare import CompareConfig, format_general, format_table, parse_methods, plot_results, run_compare
-    from ..fileio import write_json_atomic
 
     cfg = CompareConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
                         methods=parse_methods(args.methods), protocol=args.protocol,

@@ -112,8 +112,10 @@ def prepare_runner(model: torch.nn.Module, tok: Any, method: str, hp: Any, retra
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets, write_json_atomic
+
+    check_output_targets(files={"--out": args.out})
     from ..evaluation import evaluate_records
-    from ..fileio import write_json_atomic
     from ..gguf_convert import is_converted
     from ..models import load_model_and_tokenizer
 

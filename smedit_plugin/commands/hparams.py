@@ -12,8 +12,10 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
                         help="write every shipped YAML into DIR as METHOD/model.yaml and TRAINING/METHOD/model.yaml")
 
     def run(args: argparse.Namespace) -> int:
+        from ..fileio import check_output_targets
         from ..shipped import export_hparams, hparams_root, shipped_names
 
+        check_output_targets(folders={"--export": args.export})
         if args.export is None:
             print(f"shipped hparams ({hparams_root()}); load one with smedit_plugin.load_hparams('METHOD/model'):")
             print("\n".join(f"  {name}" for name in shipped_names()))

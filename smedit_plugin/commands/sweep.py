@@ -54,10 +54,12 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets, write_json_atomic
+
+    check_output_targets(files={"--plot": args.plot}, folders={"--out": args.out})
     from ..compare.config import parse_methods
     from ..compare.report import format_sweep, plot_sweep
     from ..compare.sweep import SweepConfig, run_sweep
-    from ..fileio import write_json_atomic
 
     cfg = SweepConfig(model=args.model, dataset=args.dataset, train_data=args.train_data, eval_data=args.eval_data,
                       methods=tuple(parse_methods(args.methods)), out=args.out, protocol=args.protocol,

@@ -17,10 +17,14 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
                         help="override val_fraction: hold out this share of --data as the validation split")
     parser.add_argument("--n-epochs", type=int, default=None, help="override n_epochs (passes over --data)")
     parser.add_argument("--out", required=True, type=Path,
-                        help="archive directory to write (resumed if it holds an archive of this run; any other "
-                             "existing file or non-empty folder is refused unless --overwrite)")
+                        help="archive directory to write (resumed if it holds an archive of this run with the same "
+                             "settings; a file, a damaged archive, or a folder holding other entries is refused)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace whatever --out holds (a file, a folder's contents, another run's archive)")
+                        help="write the archive beside entries of --out that smedit did not write (they are never "
+                             "deleted) and replace another run's archive there")
+    parser.add_argument("--continue-with-new-settings", action="store_true",
+                        help="resume an archive of --out even though it was trained with other hparams or data "
+                             "(refused otherwise, listing what differs); the archive then records both")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="override max_steps: training batches or sequences, -1 = one full pass")
     parser.add_argument("--dataset", choices=("zsre", "counterfact"), default=None)
@@ -30,11 +34,17 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_targets
+
+    check_output_targets(folders={"--out": args.out})  # first: a wrong target costs a second, not an import of torch
+    from contextlib import nullcontext
+
+    from ..fileio import folder_lock
     from ..records import detect_dataset, load_records
     from ..hparams import load_hparams
     from ..distributed import init_from_environment, launched_world, shutdown
     from ..hypernet.hparams import HypernetHyperParams
-    from ..hypernet.training import check_out_dir, train_hypernet
+    from ..hypernet.training import check_out_dir, train_hypernet, training_fingerprint
     from ..models import load_model_for
 
     if args.max_steps is not None and (args.max_steps == 0 or args.max_steps < -1):
@@ -51,23 +61,30 @@ def run_train(args: argparse.Namespace) -> int:
         hp = hp.replace(**overrides)
     if not isinstance(hp.model_name, str):
         raise ValueError(f"{args.hparams}: field 'model_name' must name a model to train on")
-    check_out_dir(args.out, hp, hp.model_name, overwrite=args.overwrite)
+    resumable = check_out_dir(args.out, hp, hp.model_name, overwrite=args.overwrite)
     dataset = args.dataset or detect_dataset(Path(args.data))
     train = load_records(Path(args.data), dataset)
     val = load_records(Path(args.val_data), dataset) if args.val_data else None
-    if launched_world()[1] > 1 and hp.model_parallel:
+    if resumable and not args.no_resume:  # other settings than the archive's are refused before the model loads
+        check_out_dir(args.out, hp, hp.model_name, overwrite=args.overwrite,
+                      fingerprint=training_fingerprint(hp, hp.model_name, train, val),
+                      continue_with_new_settings=args.continue_with_new_settings)
+    rank, world, _ = launched_world()
+    if world > 1 and hp.model_parallel:
         raise ValueError(f"{args.hparams}: model_parallel is not supported under torchrun / accelerate launch (one "
                          "process per device holds a whole model copy); set model_parallel: false")
-    reduce, device = init_from_environment()
-    try:
-        if device is not None:
-            hp = hp.replace(device=str(device))
-        model, tok = load_model_for(hp)
-        result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
-                                resume=not args.no_resume, progress=not args.no_progress and reduce.is_first,
-                                overwrite=args.overwrite, reduce=reduce)
-    finally:
-        shutdown(reduce)
+    with folder_lock(args.out) if rank == 0 else nullcontext():  # a second `smedit train --out` fails "in use"
+        reduce, device = init_from_environment()
+        try:
+            if device is not None:
+                hp = hp.replace(device=str(device))
+            model, tok = load_model_for(hp)
+            result = train_hypernet(model, tok, hp, train, args.out, val_records=val, dataset=dataset,
+                                    resume=not args.no_resume, progress=not args.no_progress and reduce.is_first,
+                                    overwrite=args.overwrite,
+                                    continue_with_new_settings=args.continue_with_new_settings, reduce=reduce)
+        finally:
+            shutdown(reduce)
     if not reduce.is_first:
         return 0
     if reduce.active:

@@ -3,8 +3,8 @@
 Nothing is pickled, so loading can never execute code (stricter than ``torch.load(weights_only=True)``).
 Every save publishes a complete new version with one rename (:func:`~smedit_plugin.fileio.write_version`),
 so the directory always holds a loadable archive; loading verifies each file's sha256, the
-structure, the model's identity and every tensor's name, shape, dtype and finiteness before the
-editor is filled.
+structure, the model's identity and every tensor's name, shape, dtype and finiteness, and that the
+learned edit rates and ridge coefficients lie in the range training can reach, before the editor is filled.
 """
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ FORMAT = "smedit-hypernet/2"
 WEIGHTS = "hypernet.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 META = "meta.json"
+#: Largest change of one Adam step, in units of ``meta_lr``: ``|m_hat / sqrt(v_hat)|`` stays below
+#: ``(1 - beta1) / sqrt(1 - beta2)`` = 3.2 for torch's default betas; 10 leaves a margin. A learned edit rate
+#: ``lr`` or ridge exponent ``lamda`` further from its initial value than this many steps allow was not trained.
+ADAM_STEP_BOUND = 10.0
 #: Largest relative distance between the recorded and the live identity probe still taken for the same
 #: model: covers bf16/fp16 rounding (< 1 %); another checkpoint of the same shape differs by ~140 %.
 PROBE_TOLERANCE = 0.05
@@ -87,10 +91,11 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]
 
 def save_archive(path: Union[str, os.PathLike], editor: HypernetEditor, *, model_name: str,
                  optimizer: Optional[torch.optim.Optimizer] = None, state: Optional[TrainState] = None,
-                 extra: Optional[dict[str, Any]] = None) -> Path:
+                 extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
     """Publish a new version of the archive at ``path`` (a crash or Ctrl-C leaves the previous one intact).
 
-    The editor's ``identity`` (a probe of the model it was built on, see
+    A folder holding entries the plugin did not write is refused unless ``overwrite`` (then the archive is
+    written beside them; they are never deleted). The editor's ``identity`` (a probe of the model it was built on, see
     :func:`~smedit_plugin.hypernet.editor.identity_probe`) is recorded so that loading can refuse
     another model of the same shapes. Returns ``path``.
     """
@@ -117,12 +122,16 @@ def save_archive(path: Union[str, os.PathLike], editor: HypernetEditor, *, model
             save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(folder / OPTIMIZER))
         (folder / META).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 
-    write_version(path, FORMAT, write, ArchiveError)
+    write_version(path, FORMAT, write, ArchiveError, required=(META, WEIGHTS), overwrite=overwrite)
     return Path(path)
 
 
 def archive_folder(path: Union[str, os.PathLike]) -> Path:
-    """The folder of the archive's published version, every file's checksum verified."""
+    """The folder of the archive's published version, every file's checksum verified.
+
+    ``path`` may also name one version folder (``DIR/v-000003``): it is checked against its own version
+    record, the way to load an intact version when ``DIR/manifest.json`` is damaged.
+    """
     p = Path(path)
     if not is_versioned_dir(p):
         if (p / META).is_file():
@@ -130,7 +139,7 @@ def archive_folder(path: Union[str, os.PathLike]) -> Path:
                                "train it again with `smedit train`")
         raise ArchiveError(f"no hypernetwork archive at {p} (expected manifest.json naming {META} and {WEIGHTS}); "
                            "train one with `smedit train HPARAMS --data FILE --out DIR` and set `archive: DIR`")
-    return current_version(p, FORMAT, ArchiveError)
+    return current_version(p, FORMAT, ArchiveError, required=(META, WEIGHTS))
 
 
 _META_FIELDS = {"alg_name": str, "model_name": str, "identity_probe": list, "num_seq": int, "structure": dict,
@@ -203,6 +212,38 @@ def _check_weights(tensors: dict[str, torch.Tensor], editor: HypernetEditor, fil
             raise ArchiveError(f"{file}: tensor {key!r} holds NaN/inf; the archive is damaged or training diverged")
 
 
+def _check_learned_scalars(tensors: dict[str, torch.Tensor], meta: dict[str, Any], file: Path) -> None:
+    """Edit rates (``lr``) and ridge exponents (``lamda``) within what training can reach; normaliser spreads >= 0.
+
+    Each starts at a known value (``hparams.lr``, 0) and moves by at most ``ADAM_STEP_BOUND * meta_lr`` per
+    optimiser step (``bp_steps`` Adam updates per step with ``reference_adam_duplicates``). A value beyond
+    that, even a finite one like 1e30, would make every edit's weights overflow, so it is refused here.
+    """
+    settings = [meta["hparams"]] + [entry.get("training_fingerprint", {}) for entry in meta.get("fingerprint_history", [])
+                                    if isinstance(entry, dict)]
+    lrs, meta_lrs, bp = ([float(h[key]) for h in settings if isinstance(h.get(key), (int, float))]
+                         for key in ("lr", "meta_lr", "bp_steps"))
+    if not lrs or not meta_lrs:
+        raise ArchiveError(f"{file.parent / META}: field 'hparams' lacks 'lr' or 'meta_lr'; the archive is damaged")
+    train_state = meta.get("train_state") if isinstance(meta.get("train_state"), dict) else {}
+    steps = train_state.get("optimizer_steps", 0)
+    steps = steps if isinstance(steps, int) and steps > 0 else 1
+    reach = ADAM_STEP_BOUND * max(meta_lrs) * steps * max(bp or [1.0])
+    for key, value in tensors.items():
+        name = key.rsplit(".", 2)[-2:]
+        if name in (["lr", "weight"], ["lamda", "weight"]):
+            start = max(abs(x) for x in lrs) if name[0] == "lr" else 0.0
+            worst = float(value.double().abs().max())
+            if not worst <= start + reach:
+                what = "edit rate" if name[0] == "lr" else "ridge exponent"
+                raise ArchiveError(
+                    f"{file}: learned {what} {key!r} reaches {worst:.3g}, beyond what {steps} optimiser step(s) from "
+                    f"{start:g} with meta_lr {max(meta_lrs):g} can produce (|value| <= {start + reach:.3g}); the archive "
+                    "was altered or damaged, train it again")
+        elif name[-1] in ("std", "var") and bool((value < 0).any()):
+            raise ArchiveError(f"{file}: normaliser statistic {key!r} is negative; the archive is damaged")
+
+
 def load_archive(path: Union[str, os.PathLike], model: nn.Module, hparams: HypernetHyperParams, *,
                  with_optimizer: bool = False, device: Optional[torch.device] = None):
     """Build an editor for ``model`` and fill it from the archive, after checking everything.
@@ -219,6 +260,7 @@ def load_archive(path: Union[str, os.PathLike], model: nn.Module, hparams: Hyper
     check_compatible(meta, editor, path)
     tensors = _read_tensors(folder / WEIGHTS)
     _check_weights(tensors, editor, folder / WEIGHTS)
+    _check_learned_scalars(tensors, meta, folder / WEIGHTS)
     opt_tensors = None
     if with_optimizer and (folder / OPTIMIZER).is_file():
         opt_tensors = _read_tensors(folder / OPTIMIZER)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..editing import WeightsSnapshot, edit_transaction
-from ..request_checks import check_lengths, warn_contradictions
+from ..request_checks import check_lengths, check_targets, warn_contradictions
 from ..edit_modules import resolve_edit_modules
 from ..errors import OVERFLOW_CAUSE, require_finite
 from ..precision import RoundingReport, float32_edit_weights, wants_float32
@@ -223,6 +223,7 @@ def edit_batch(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[
     back with ``snapshot.restore()``. Pass an earlier ``snapshot`` to let edits accumulate under it.
     """
     check_lengths(tok, prompts, targets, editor.hparams.max_length)
+    check_targets(tok, targets)
     warn_contradictions(prompts, targets)
     with edit_transaction(model, snapshot) as snapshot:
         for name in editor.module_names:
