@@ -43,26 +43,35 @@ def load_config(data: dict[str, Any]) -> SweepConfig:
 
 
 class CellState:
-    """``<out>/state/<cell hash>/``: the runner's saved edits in ``c-<chunks done>/`` and, written after them,
-    ``progress.json`` naming that folder with the loop's progress; older folders go once a newer one is named."""
+    """``<out>/state/<cell hash>/``: the runner's saved edits in ``c-<chunks done>/`` and ``progress.json``, which
+    names that folder with the loop's progress. ``progress.json`` records a folder as ``pending`` before the save
+    creates it, so only folders it recorded are ever removed (a save killed midway, or the one a newer save
+    replaced); anything else in the folder is refused, never deleted."""
 
     def __init__(self, out: Path, key: str) -> None:
         self.root = out / "state" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def read(self) -> Optional[dict[str, Any]]:
         path = self.root / PROGRESS
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return record if record and record.get("folder") else None
 
     def save(self, runner: FamilyRunner, progress: LoopProgress, name: Optional[str] = None) -> None:
+        path = self.root / PROGRESS
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         folder = self.root / (name or f"c-{progress.chunks_done:06d}")
-        if folder.exists():  # what a save killed before it named its folder left
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        if folder.exists():
+            if folder.name != record.get("pending"):
+                raise FileExistsError(f"{folder} exists but the sweep has no record of writing it; move it away")
+            shutil.rmtree(folder)  # what a save killed before it finished left
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {**record, "pending": folder.name})
+        folder.mkdir()
         runner.save_state(folder)
-        write_json_atomic(self.root / PROGRESS, {"folder": folder.name, "loop": progress.to_dict()})
-        for old in self.root.iterdir():
-            if old.is_dir() and old.name.startswith("c-") and old.name != folder.name:
-                shutil.rmtree(old)
+        write_json_atomic(path, {"folder": folder.name, "loop": progress.to_dict(), "pending": None})
+        previous = record.get("folder")
+        if previous and previous != folder.name and (self.root / previous).is_dir():
+            shutil.rmtree(self.root / previous)
 
 
 def _base_row(cfg: SweepConfig, cell: Cell, total: int, chunk: int) -> dict[str, Any]:
