@@ -1,10 +1,18 @@
-"""Peak memory of one COMEBA-HK step of many facts, with and without chunked target values (issue 18).
+"""Peak memory of COMEBA-HK: one step of many facts with and without chunked target values (issue 18),
+or the peak of every round of a long consecutive run (issue 29: flat memory).
 
 Each setting of ``z_chunk_size`` runs in its own process (peak RSS is per process), edits the same
 facts with the shipped YAML and saves the hook layers' ``delta_w``; the parent prints a table of peak
 RSS, step time and the largest difference of every ``delta_w`` from the first setting's, and writes JSON.
 
     python benchmarks/bench_comeba_hk_memory.py --n-edits 64 --chunks 0 16
+
+With ``--rounds N`` one process edits ``N`` consecutive rounds of ``--batch-size`` facts instead and
+reports each round's own peak RSS (the kernel's high-water mark is reset before every round through
+``/proc/self/clear_refs``), the RSS after it and its seconds; the acceptance of issue 29 is the peak
+of round 100 at most 1.1x the peak of round 10:
+
+    python benchmarks/bench_comeba_hk_memory.py --rounds 100 --data ../shared/data/zsre/zsre_train.json
 """
 from __future__ import annotations
 
@@ -46,6 +54,63 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"z_chunk_size": args.chunk, "step_seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rounds_worker(args: argparse.Namespace) -> dict:
+    """``args.rounds`` consecutive rounds in this process: per-round peak RSS, RSS after, seconds."""
+    import gc
+
+    import torch
+
+    from smedit_plugin.comeba_hk import apply_comeba_hk_to_model
+    from smedit_plugin.data import load_records, to_requests
+    from smedit_plugin.hparams import load_hparams
+    from smedit_plugin.models import load_model_and_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hp = load_hparams(f"{args.method}/{args.model}")
+    records = load_records(args.data, "zsre", limit=args.rounds * args.batch_size)
+    if len(records) < args.rounds * args.batch_size:
+        raise SystemExit(f"--data has {len(records)} records; {args.rounds} rounds of {args.batch_size} need "
+                         f"{args.rounds * args.batch_size}")
+    requests = to_requests(records)
+    model, tok = load_model_and_tokenizer(args.model)
+    rows = []
+    clear_refs = Path("/proc/self/clear_refs")
+    for index in range(args.rounds):
+        gc.collect()
+        clear_refs.write_text("5")  # resets VmHWM to the current RSS
+        start = time.perf_counter()
+        apply_comeba_hk_to_model(model, tok, requests[index * args.batch_size:(index + 1) * args.batch_size], hp)
+        rows.append({"round": index + 1, "seconds": time.perf_counter() - start, "peak_rss_mb": _status_mb("VmHWM"),
+                     "rss_after_mb": _status_mb("VmRSS")})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"model": args.model, "method": args.method, "batch_size": args.batch_size, "rounds": rows}
+
+
+def _report_rounds(result: dict, out: Path) -> None:
+    rows = result["rounds"]
+    marks = sorted({r for r in (1, 10, 20, 50, 100, len(rows)) if r <= len(rows)})
+    print(f"{result['method']} on {result['model']}, rounds of {result['batch_size']} facts")
+    print(f"{'round':>6}  {'peak RSS MB':>11}  {'RSS after MB':>12}  {'seconds':>8}")
+    for mark in marks:
+        r = rows[mark - 1]
+        print(f"{mark:>6}  {r['peak_rss_mb']:>11.0f}  {r['rss_after_mb']:>12.0f}  {r['seconds']:>8.1f}")
+    if len(rows) >= 10:
+        ratio = rows[-1]["peak_rss_mb"] / rows[9]["peak_rss_mb"]
+        result["peak_ratio_last_to_round_10"] = ratio
+        print(f"peak RSS round {len(rows)} / round 10: {ratio:.3f} (issue 29: at most 1.1)")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -53,11 +118,18 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 16], help="z_chunk_size settings (0 = all at once)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=0, help="consecutive rounds in one process (0 = the chunk table)")
+    parser.add_argument("--batch-size", type=int, default=10, help="facts per round with --rounds")
+    parser.add_argument("--method", default="COMEBA-HK", help="COMEBA-HK or MEMIT-C (with --rounds)")
     parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk_memory.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds:
+        out = args.out if args.out != Path("bench_comeba_hk_memory.json") else Path("bench_comeba_hk_memory_rounds.json")
+        _report_rounds(rounds_worker(args), out)
+        return
     if args.worker:
         worker(args)
         return

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..tfcompat import cache_keyword, returned_cache
-from .modules import (base_model, block_hidden, cache_checkpoint, logits_from_hidden, replace_block_hidden,
-                      select_cache_rows, sliding_window, stop_after)
+from .modules import (CacheState, base_model, block_hidden, cache_checkpoint, cache_state, float32_matmul_precision,
+                      logits_from_hidden, replace_block_hidden, restore_cache_state, select_cache_rows, sliding_window,
+                      stop_after)
 from .templates import KL_PROMPT_SUFFIX, EditRequest, TokenView, split_template
 
 logger = logging.getLogger(__name__)
@@ -164,22 +165,36 @@ class _Bucket:
     positions: torch.Tensor
     mask: torch.Tensor
     base: torch.Tensor
+    cache: CacheState  # the KV cache cut to ``rows``, selected once instead of at every step
     replay: Optional[list[tuple[tuple, dict]]] = None
 
 
 def _split_by_width(widths: list[int], counts: list[int], max_groups: int) -> list[list[int]]:
-    """Indices (sorted by width) cut into at most ``max_groups`` runs with the fewest padded tokens."""
+    """Indices (sorted by width) cut into at most ``max_groups`` runs with the fewest padded tokens.
+
+    A run's cost is its prompt count times its widest member (the last, once sorted), read off
+    prefix sums, so trying every one or two cuts is O(n^2) rather than O(n^3).
+    """
     order = sorted(range(len(widths)), key=lambda i: widths[i])
-    best: tuple[float, list[list[int]]] = (float("inf"), [order])
     n = len(order)
-    for cuts in ([()] + [(a,) for a in range(1, n)]
-                 + ([(a, b) for a in range(1, n) for b in range(a + 1, n)] if max_groups >= 3 else [])):
-        bounds = [0, *cuts, n]
-        groups = [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
-        cost = sum(sum(counts[i] for i in g) * max(widths[i] for i in g) for g in groups)
-        if cost < best[0]:
-            best = (cost, groups)
-    return best[1]
+    prefix = [0]
+    for i in order:
+        prefix.append(prefix[-1] + counts[i])
+
+    def cost(lo: int, hi: int) -> int:
+        return (prefix[hi] - prefix[lo]) * widths[order[hi - 1]]
+
+    best: tuple[float, tuple[int, ...]] = (cost(0, n), ())
+    for a in range(1, n if max_groups >= 2 else 1):
+        if cost(0, a) + cost(a, n) < best[0]:
+            best = (cost(0, a) + cost(a, n), (a,))
+    for a in range(1, n if max_groups >= 3 else 1):
+        for b in range(a + 1, n):
+            total = cost(0, a) + cost(a, b) + cost(b, n)
+            if total < best[0]:
+                best = (total, (a, b))
+    bounds = [0, *best[1], n]
+    return [order[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 class _PrefixRunner:
@@ -200,14 +215,17 @@ class _PrefixRunner:
         suffix = (batch.lengths - batch.subject_last).tolist()
         kl_rows = set(batch.kl_rows.tolist())
         n_requests = len(batch.init_rows)
-        rows_of = [[r for r in range(len(suffix)) if batch.request_of_row[r] == i and r not in kl_rows]
-                   for i in range(n_requests)]
+        rows_of: list[list[int]] = [[] for _ in range(n_requests)]
+        for row, request in enumerate(batch.request_of_row.tolist()):  # one pass over Python ints (issue 28)
+            if row not in kl_rows:
+                rows_of[request].append(row)
         widths = [max(suffix[r] for r in rows) for rows in rows_of]
         groups = _split_by_width(widths, [len(rows) for rows in rows_of], SUFFIX_BUCKETS)
         self.buckets = [self._bucket([r for i in g for r in rows_of[i]], g, max(widths[i] for i in g), device)
                         for g in groups]
         self.buckets.append(self._bucket(batch.kl_rows.tolist(), list(range(n_requests)), 1, device))
         self.width = max(widths + [1])
+        restore_cache_state(self.buckets[0].cache)  # the whole batch's cache is not needed any more
 
     def _bucket(self, rows: list[int], requests: list[int], width: int, device: torch.device) -> _Bucket:
         b = self.batch
@@ -225,15 +243,18 @@ class _PrefixRunner:
         mask = torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
                            torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device))[:, None]
         z_device = self.z_out.device
+        with cache_checkpoint(self.cache):
+            select_cache_rows(self.cache, row_t)
+            rows_cache = cache_state(self.cache)
         return _Bucket(row_t, torch.tensor(requests, dtype=torch.long, device=z_device), ids, positions, mask,
-                       self.z_out[row_t.to(z_device)[:, None], positions.to(z_device)])
+                       self.z_out[row_t.to(z_device)[:, None], positions.to(z_device)], rows_cache)
 
     def _run(self, bucket: _Bucket, shift: torch.Tensor) -> torch.Tensor:
         """Output of the last upper block for one bucket (first time through the model, then replayed)."""
         hidden = bucket.base.clone()
         hidden[:, 0] = hidden[:, 0] + shift
         with cache_checkpoint(self.cache):
-            select_cache_rows(self.cache, bucket.rows)
+            restore_cache_state(bucket.cache)
             if bucket.replay is not None:
                 for block, (args, kwargs) in zip(self.upper_blocks, bucket.replay):
                     hidden = block_hidden(block(hidden, *args, **kwargs))
@@ -328,40 +349,41 @@ def _chunk_target_values(model: nn.Module, view: TokenView, requests: Sequence[E
     kl_init = None
     losses = torch.zeros(n, device=z_device)
     targets = None
-    for step in range(hp.v_num_grad_steps):
-        hidden = runner.loss_rows(delta, rows, cols, active)
-        log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
-        if targets is None:  # the index tensors, once, on the device the logits come out on
-            targets = {key: getattr(batch, key).to(log_probs.device)
-                       for key in ("target_ids", "target_prompt", "prompt_request", "prompt_len")}
-        out_device = log_probs.device
-        token_lp = log_probs[:n_targets].gather(1, targets["target_ids"][:, None]).squeeze(1)
-        prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=out_device).index_add(
-            0, targets["target_prompt"], token_lp)
-        prompt_nll = prompt_nll / targets["prompt_len"]
-        per_request = torch.zeros(n, device=out_device).index_add(0, targets["prompt_request"], prompt_nll)
-        nll = (per_request / torch.bincount(targets["prompt_request"], minlength=n)).to(z_device)
-        kl_lp = log_probs[n_targets:]
-        if kl_init is None:
-            kl_init = kl_lp.detach()
-        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(z_device)
-        decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
-        loss = nll + hp.kl_factor * kl + decay
-        losses = torch.where(active, loss.detach(), losses)
-        logger.debug("z step %d: loss %s (nll %s)", step, [round(x, 3) for x in losses.tolist()],
-                     [round(x, 3) for x in nll.detach().tolist()])
-        active = active & (losses >= EARLY_STOP_LOSS)
-        if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
-            break
-        optimizer.zero_grad()
-        (loss * active).sum().backward()
-        frozen = delta.detach().clone()
-        optimizer.step()
-        with torch.no_grad():
-            delta[~active] = frozen[~active]
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-        steps_taken += active.long()
+    with float32_matmul_precision(hp.z_matmul_precision):  # the first pass (z_init, prefix cache) ran exactly
+        for step in range(hp.v_num_grad_steps):
+            hidden = runner.loss_rows(delta, rows, cols, active)
+            log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
+            if targets is None:  # the index tensors, once, on the device the logits come out on
+                targets = {key: getattr(batch, key).to(log_probs.device)
+                           for key in ("target_ids", "target_prompt", "prompt_request", "prompt_len")}
+            out_device = log_probs.device
+            token_lp = log_probs[:n_targets].gather(1, targets["target_ids"][:, None]).squeeze(1)
+            prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=out_device).index_add(
+                0, targets["target_prompt"], token_lp)
+            prompt_nll = prompt_nll / targets["prompt_len"]
+            per_request = torch.zeros(n, device=out_device).index_add(0, targets["prompt_request"], prompt_nll)
+            nll = (per_request / torch.bincount(targets["prompt_request"], minlength=n)).to(z_device)
+            kl_lp = log_probs[n_targets:]
+            if kl_init is None:
+                kl_init = kl_lp.detach()
+            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(z_device)
+            decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
+            loss = nll + hp.kl_factor * kl + decay
+            losses = torch.where(active, loss.detach(), losses)
+            logger.debug("z step %d: loss %s (nll %s)", step, [round(x, 3) for x in losses.tolist()],
+                         [round(x, 3) for x in nll.detach().tolist()])
+            active = active & (losses >= EARLY_STOP_LOSS)
+            if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
+                break
+            optimizer.zero_grad()
+            (loss * active).sum().backward()
+            frozen = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta[~active] = frozen[~active]
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            steps_taken += active.long()
     z = (z_init + delta.detach()).T.contiguous()
     return z, {"z_loss": losses.tolist(), "z_steps": steps_taken.tolist()}

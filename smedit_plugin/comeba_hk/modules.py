@@ -145,20 +145,45 @@ def _attributes(obj: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` for the duration; the previous setting comes back."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextlib.contextmanager
 def cache_checkpoint(cache: Any) -> Iterator[None]:
     """Put a KV cache back exactly as it was on exit: appended tokens (and their autograd graph) are dropped.
 
     Works on the attributes of the cache and of its per-layer objects, so it covers both the
     list-of-tensors caches of older transformers and the per-layer caches of 4.5x.
     """
-    owners = [cache] + [layer for layer in getattr(cache, "layers", []) if hasattr(layer, "__dict__")]
-    saved = [(owner, _attributes(owner)) for owner in owners]
+    saved = cache_state(cache)
     try:
         yield
     finally:
-        for owner, attributes in saved:
-            owner.__dict__.clear()
-            owner.__dict__.update(attributes)
+        restore_cache_state(saved)
+
+
+CacheState = list[tuple[Any, dict[str, Any]]]
+
+
+def cache_state(cache: Any) -> CacheState:
+    """The attributes of a KV cache and of its per-layer objects, as they are now (tensors shared, not copied)."""
+    owners = [cache] + [layer for layer in getattr(cache, "layers", []) if hasattr(layer, "__dict__")]
+    return [(owner, _attributes(owner)) for owner in owners]
+
+
+def restore_cache_state(saved: CacheState) -> None:
+    """Put a cache back to a :func:`cache_state`; lists are copied again, so ``saved`` can be restored many times."""
+    for owner, attributes in saved:
+        owner.__dict__.clear()
+        owner.__dict__.update({key: list(value) if isinstance(value, list) else value
+                               for key, value in attributes.items()})
 
 
 def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
