@@ -17,6 +17,9 @@ but its last token), and each hook layer's scope decision is recomputed from its
 * "leak": on the portability questions, the token accuracy of the edit's new target (the edited
   fact's object) instead of the one-hop answer, unedited vs edited.
 
+When it edits (no ``--state``) it also reports each round's wall and CPU seconds and RSS, and the
+records' reliability, generality, locality (agreement with the unedited model) and portability.
+
     python benchmarks/bench_comeba_hk_portability.py --n-edits 200 --save-state hk200 --out portability.json
     python benchmarks/bench_comeba_hk_portability.py --state hk200 --n-edits 200 --out portability.json
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +44,7 @@ from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer  # noqa: E4
 from smedit_plugin.comeba_hk.scope import swap_mask  # noqa: E402
 from smedit_plugin.comeba_hk.state import find_state  # noqa: E402
 from smedit_plugin.data import EditRecord, load_zsre, to_requests  # noqa: E402
-from smedit_plugin.evaluation import score_answers  # noqa: E402
+from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers  # noqa: E402
 from smedit_plugin.hparams import load_hparams  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 from smedit_plugin.text import collate, encode_pairs, pad_token_id  # noqa: E402
@@ -136,6 +140,14 @@ def portability_scores(model: nn.Module, tok: Any, records: list[EditRecord], an
     return [sum(v) / len(v) if v else None for v in per]
 
 
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _mean(values: list[Optional[float]]) -> Optional[float]:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -155,6 +167,7 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=None, help="load this saved COMEBA-HK state instead of editing")
     parser.add_argument("--save-state", type=Path, default=None, help="save the state after editing")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--edit-only", action="store_true", help="edit, time and score, but skip the portability analysis")
     parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk_portability.json"))
     args = parser.parse_args()
     if args.threads:
@@ -162,17 +175,38 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(args.model)
     records = load_zsre(args.data, limit=args.n_edits)
     tick = time.perf_counter()
+    rounds: list[dict[str, float]] = []
+    quality: Optional[dict[str, Any]] = None
     if args.state is not None:
         load_hook_state(model, args.state)
     else:
+        reference = predict_locality_reference(model, tok, records)
         hp = load_hparams(f"COMEBA-HK/{args.model}")
         requests = to_requests(records)
         for start in range(0, len(requests), args.batch_size):
+            Path("/proc/self/clear_refs").write_text("5")  # the round's own peak RSS (VmHWM reset)
+            wall, cpu = time.perf_counter(), time.process_time()
             apply_comeba_hk_to_model(model, tok, requests[start:start + args.batch_size], hp)
-            print(f"  {min(start + args.batch_size, len(requests))} edits", flush=True)
+            rounds.append({"round": len(rounds) + 1, "seconds": time.perf_counter() - wall,
+                           "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": _status_mb("VmHWM"),
+                           "rss_after_mb": _status_mb("VmRSS")})
+            print(json.dumps(rounds[-1]), flush=True)
         if args.save_state is not None:
             save_hook_state(model, args.save_state, overwrite=True)
+        scored = evaluate_records(model, tok, records, dataset="zsre", locality="agreement", reference=reference,
+                                  progress=False)
+        quality = {"reliability": scored["efficacy"], "generality": scored["generalization"],
+                   "locality": scored["specificity"], "portability": scored["portability"]}
+        quality["average"] = (quality["reliability"] + quality["generality"] + quality["locality"]) / 3
+        print(json.dumps(quality), flush=True)
     edit_seconds = time.perf_counter() - tick
+    if args.edit_only:
+        steady = [r["seconds"] for r in rounds[9:20]]
+        args.out.write_text(json.dumps({"model": args.model, "n_edits": len(records), "rounds": rounds,
+                                        "quality": quality, "threads": torch.get_num_threads(),
+                                        "median_round_seconds_10_20": statistics.median(steady) if steady else None},
+                                       indent=2) + "\n")
+        return
     controller = find_state(model)
     names = controller.info["rewrite_modules"]
     modules = [model.get_submodule(name) for name in names]
@@ -236,8 +270,13 @@ def main() -> None:
     better = [i for i in range(len(records)) if scores["edited"][i] is not None
               and scores["edited"][i] > scores["unedited"][i]]
     summary = {key: _mean(values) for key, values in scores.items()}
-    result = {"model": args.model, "n_edits": len(records), "layers": layer_ids,
-              "alpha": [float(layer.alpha) for layer in layers], "edit_seconds": edit_seconds,
+    steady = [r["seconds"] for r in rounds[9:20]]
+    result = {"model": args.model, "n_edits": len(records), "layers": layer_ids, "threads": torch.get_num_threads(),
+              "alpha": [float(layer.alpha) for layer in layers], "edit_seconds": edit_seconds, "rounds": rounds,
+              "median_round_seconds_10_20": statistics.median(steady) if steady else None,
+              "median_round_cpu_seconds_10_20": (statistics.median(r["cpu_seconds"] for r in rounds[9:20])
+                                                 if steady else None),
+              "quality": quality,
               "portability": summary, "swap_rates": rates, "portability_by_where_hooks_fired": groups,
               "records_worse": len(worse), "records_better": len(better),
               "records_worse_with_target_gain": sum(scores["edited_target"][i] > scores["unedited_target"][i]
@@ -245,6 +284,9 @@ def main() -> None:
               "per_record": scores}
     print(f"{args.model}: {len(records)} consecutive COMEBA-HK edits, layers {layer_ids}, "
           f"alpha {[round(a, 2) for a in result['alpha']]}")
+    if quality is not None:
+        print("  " + ", ".join(f"{key} {value:.3f}" for key, value in quality.items())
+              + f"; median round {result['median_round_seconds_10_20']} s (rounds 10-20)")
     print("\nportability (PS, token accuracy of the one-hop answer) and the edit target's accuracy on the same questions")
     for key in ("unedited", "edited", *[f"without_layer_{i}" for i in layer_ids], *[f"only_layer_{i}" for i in layer_ids]):
         print(f"  {key:<22}{100 * summary[key]:6.1f}")

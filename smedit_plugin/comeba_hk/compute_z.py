@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from ..tfcompat import cache_keyword, returned_cache
-from .modules import (CacheState, base_model, block_hidden, cache_checkpoint, cache_state, float32_matmul_precision,
-                      logits_from_hidden, replace_block_hidden, restore_cache_state, select_cache_rows, sliding_window,
-                      stop_after)
+from .modules import (CacheState, base_model, block_hidden, cache_checkpoint, cache_state, logits_from_hidden,
+                      replace_block_hidden, restore_cache_state, select_cache_rows, sliding_window, stop_after)
 from .templates import KL_PROMPT_SUFFIX, EditRequest, TokenView, split_template
 
 logger = logging.getLogger(__name__)
@@ -349,41 +348,40 @@ def _chunk_target_values(model: nn.Module, view: TokenView, requests: Sequence[E
     kl_init = None
     losses = torch.zeros(n, device=z_device)
     targets = None
-    with float32_matmul_precision(hp.z_matmul_precision):  # the first pass (z_init, prefix cache) ran exactly
-        for step in range(hp.v_num_grad_steps):
-            hidden = runner.loss_rows(delta, rows, cols, active)
-            log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
-            if targets is None:  # the index tensors, once, on the device the logits come out on
-                targets = {key: getattr(batch, key).to(log_probs.device)
-                           for key in ("target_ids", "target_prompt", "prompt_request", "prompt_len")}
-            out_device = log_probs.device
-            token_lp = log_probs[:n_targets].gather(1, targets["target_ids"][:, None]).squeeze(1)
-            prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=out_device).index_add(
-                0, targets["target_prompt"], token_lp)
-            prompt_nll = prompt_nll / targets["prompt_len"]
-            per_request = torch.zeros(n, device=out_device).index_add(0, targets["prompt_request"], prompt_nll)
-            nll = (per_request / torch.bincount(targets["prompt_request"], minlength=n)).to(z_device)
-            kl_lp = log_probs[n_targets:]
-            if kl_init is None:
-                kl_init = kl_lp.detach()
-            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(z_device)
-            decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
-            loss = nll + hp.kl_factor * kl + decay
-            losses = torch.where(active, loss.detach(), losses)
-            logger.debug("z step %d: loss %s (nll %s)", step, [round(x, 3) for x in losses.tolist()],
-                         [round(x, 3) for x in nll.detach().tolist()])
-            active = active & (losses >= EARLY_STOP_LOSS)
-            if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
-                break
-            optimizer.zero_grad()
-            (loss * active).sum().backward()
-            frozen = delta.detach().clone()
-            optimizer.step()
-            with torch.no_grad():
-                delta[~active] = frozen[~active]
-                norms = delta.norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
-            steps_taken += active.long()
+    for step in range(hp.v_num_grad_steps):
+        hidden = runner.loss_rows(delta, rows, cols, active)
+        log_probs = torch.log_softmax(logits_from_hidden(hidden, ln_f, lm_head, softcap), dim=-1)
+        if targets is None:  # the index tensors, once, on the device the logits come out on
+            targets = {key: getattr(batch, key).to(log_probs.device)
+                       for key in ("target_ids", "target_prompt", "prompt_request", "prompt_len")}
+        out_device = log_probs.device
+        token_lp = log_probs[:n_targets].gather(1, targets["target_ids"][:, None]).squeeze(1)
+        prompt_nll = -torch.zeros(batch.prompt_len.numel(), device=out_device).index_add(
+            0, targets["target_prompt"], token_lp)
+        prompt_nll = prompt_nll / targets["prompt_len"]
+        per_request = torch.zeros(n, device=out_device).index_add(0, targets["prompt_request"], prompt_nll)
+        nll = (per_request / torch.bincount(targets["prompt_request"], minlength=n)).to(z_device)
+        kl_lp = log_probs[n_targets:]
+        if kl_init is None:
+            kl_init = kl_lp.detach()
+        kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1).to(z_device)
+        decay = hp.v_weight_decay * delta.norm(dim=1) / z_init.norm(dim=1) ** 2
+        loss = nll + hp.kl_factor * kl + decay
+        losses = torch.where(active, loss.detach(), losses)
+        logger.debug("z step %d: loss %s (nll %s)", step, [round(x, 3) for x in losses.tolist()],
+                     [round(x, 3) for x in nll.detach().tolist()])
+        active = active & (losses >= EARLY_STOP_LOSS)
+        if not bool(active.any()) or step == hp.v_num_grad_steps - 1:
+            break
+        optimizer.zero_grad()
+        (loss * active).sum().backward()
+        frozen = delta.detach().clone()
+        optimizer.step()
+        with torch.no_grad():
+            delta[~active] = frozen[~active]
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        steps_taken += active.long()
     z = (z_init + delta.detach()).T.contiguous()
     return z, {"z_loss": losses.tolist(), "z_steps": steps_taken.tolist()}

@@ -84,7 +84,6 @@ class COMEBAHKHyperParams(MethodHyperParams):
     clamp_norm_factor: float = F(default=0.75, metadata={"range": (0.0, None)})
     kl_factor: float = F(default=0.0625, metadata={"range": (0.0, None)})
     z_chunk_size: int = F(default=16, metadata={"range": (0, None), "help": "facts whose target values are optimised together (exact; bounds the peak memory of a large batch); 0 = the whole batch at once"})
-    z_matmul_precision: str = F(default="highest", metadata={"choices": ("highest", "high", "medium"), "help": "torch float32 matmul precision during the z optimisation steps only (z_init, keys and the update stay exact): 'medium' multiplies in bfloat16 on CPUs with AMX/AVX512-BF16 (about 3x faster there, float32 elsewhere), 'high' in TF32 on recent GPUs"})
     z_prefix_cache: bool = F(default=True, metadata={"help": "recompute only tokens from the subject on during z steps (exact; false = full forward, needed for flash attention)"})
     context_template_length_params: list[list[int]] = F(default_factory=lambda: [[10, 5]], metadata={"help": "[[tokens, count], ...] of self-generated prefixes (MEMIT: [[10, 5]])"})
     seed: int = F(default=0, metadata={"range": (0, 2**32 - 1), "help": "seed of the context-template sampler (a local generator; the global RNG is untouched)"})

@@ -145,17 +145,6 @@ def _attributes(obj: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """``torch.set_float32_matmul_precision(precision)`` for the duration; the previous setting comes back."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-@contextlib.contextmanager
 def cache_checkpoint(cache: Any) -> Iterator[None]:
     """Put a KV cache back exactly as it was on exit: appended tokens (and their autograd graph) are dropped.
 
