@@ -1,122 +1,73 @@
-"""Where a 10-fact COMEBA-HK round spends its time: torch.profiler over one round after a few warm-up rounds.
+"""Where COMEBA-HK / MEMIT-C rounds spend their time: phase table of a py-spy profile of consecutive editing.
 
-Runs ``--warmup`` consecutive rounds of ``--batch-size`` ZsRE facts with the shipped YAML (``--set``
-overrides allowed), then profiles the next round. Prints the round's wall time and target-value (z)
-time, a breakdown by phase (z first pass, z steps forward, z steps backward, keys, the rest) and the
-operators with the most self CPU time; writes the same as JSON.
+Record any run that edits (the benchmarks below, ``smedit compare``) with py-spy's raw (collapsed
+stack) output, then read it here; only samples inside ``edit_step`` count, so loading, evaluation
+and scoring are left out. Sampling does not slow the run noticeably, and the shares do not depend
+on how busy the machine is the way wall-clock seconds do::
 
-    python benchmarks/bench_comeba_hk_profile.py --threads 1 --out profile.json
+    py-spy record --pid PID --duration 400 --rate 20 --format raw --output round.txt --nonblocking
+    python benchmarks/bench_comeba_hk_profile.py round.txt [more.txt ...] --out profile.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_model  # noqa: E402
-from smedit_plugin.comeba_hk import main as comeba_main  # noqa: E402
-from smedit_plugin.data import load_zsre, to_requests  # noqa: E402
-from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
-
-DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_eval.json"
-#: Python functions whose inclusive time the phase table reports.
-PHASES = {
-    "z: first pass (prefix cache)": "_first_pass",
-    "z: optimisation steps": "_chunk_target_values",
-    "keys and cur": "compute_keys_and_cur",
-    "alpha calibration": "calibrate_alpha",
-}
+#: Phases, first match wins: (label, any of these frame substrings on the stack).
+PHASES = (
+    ("z: first pass (prefix KV cache)", ("_first_pass",)),
+    ("z steps: backward", ("Tensor.backward",)),
+    ("z steps: KV-cache row selection", ("batch_select_indices",)),
+    ("z steps: forward of the upper blocks", ("loss_rows",)),
+    ("z: suffix buckets (setup)", ("_PrefixRunner.__init__",)),
+    ("z steps: loss, logits, Adam", ("_chunk_target_values",)),
+    ("keys and cur", ("compute_keys_and_cur",)),
+    ("alpha calibration", ("calibrate_alpha",)),
+    ("solve and update", ("consecutive_update", "solve_spd")),
+)
+#: Leaf frame of a dense matrix product in the forward pass (the backward's run inside autograd's C++ engine).
+GEMM_LEAF = "Linear.forward"
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _timed(module: Any, name: str, sink: dict[str, float]) -> None:
-    """Wrap ``module.name`` so its inclusive wall time is added to ``sink[name]``."""
-    original = getattr(module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tick = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink[name] = sink.get(name, 0.0) + time.perf_counter() - tick
-
-    setattr(module, name, wrapper)
+def phase_table(path: Path) -> dict:
+    """``{"samples", "phases": {label: share}, "linear_forward_share"}`` of one raw py-spy file."""
+    counts: Counter[str] = Counter()
+    total = linear = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit() or "edit_step" not in stack:
+            continue
+        samples = int(n)
+        frames = stack.split(";")
+        total += samples
+        linear += samples if GEMM_LEAF in frames[-1] else 0
+        label = next((name for name, keys in PHASES if any(k in f for f in frames for k in keys)), "other")
+        counts[label] += samples
+    if not total:
+        raise SystemExit(f"{path}: no samples inside edit_step; was an editing run recorded with --format raw?")
+    return {"samples": total, "phases": {k: v / total for k, v in counts.most_common()},
+            "linear_forward_share": linear / total}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2, help="rounds edited before the profiled one")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="hparams overrides (JSON values)")
-    parser.add_argument("--rows", type=int, default=25, help="operators listed")
-    parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk_profile.json"))
+    parser.add_argument("profiles", nargs="+", type=Path, help="py-spy --format raw files")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from smedit_plugin.comeba_hk import compute_z
-
-    hp = COMEBAHKHyperParams.from_hparams(ROOT / "hparams" / "COMEBA-HK" / f"{args.model}.yaml")
-    overrides = {k: _parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    hp = hp.replace(**overrides) if overrides else hp
-    model, tok = load_model_and_tokenizer(args.model)
-    requests = to_requests(load_zsre(args.data, limit=(args.warmup + 1) * args.batch_size))
-    chunks = [requests[i:i + args.batch_size] for i in range(0, len(requests), args.batch_size)]
-    warm = []
-    for chunk in chunks[:-1]:
-        tick = time.perf_counter()
-        apply_comeba_hk_to_model(model, tok, chunk, hp)
-        warm.append(time.perf_counter() - tick)
-    phases: dict[str, float] = {}
-    _timed(compute_z, "_first_pass", phases)
-    _timed(compute_z, "_chunk_target_values", phases)
-    _timed(comeba_main, "compute_keys_and_cur", phases)
-    _timed(comeba_main, "calibrate_alpha", phases)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        tick = time.perf_counter()
-        apply_comeba_hk_to_model(model, tok, chunks[-1], hp)
-        seconds = time.perf_counter() - tick
-    events = prof.key_averages()
-    total_self = sum(e.self_cpu_time_total for e in events) or 1.0
-    backward = sum(e.self_cpu_time_total for e in events if "Backward" in e.key or e.key.startswith("autograd::"))
-    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args.rows]
-    table = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total_self,
-              "calls": e.count} for e in ops]
-    phase_rows = {label: phases.get(fn, 0.0) for label, fn in PHASES.items()}
-    phase_rows["z: optimisation steps"] -= phase_rows["z: first pass (prefix cache)"]
-    phase_rows["rest"] = seconds - sum(phase_rows.values())
-    result = {"model": args.model, "threads": torch.get_num_threads(), "overrides": overrides,
-              "warmup_round_seconds": warm, "round_seconds": seconds, "phases_seconds": phase_rows,
-              "backward_self_cpu_share": backward / total_self, "ops": table,
-              "note": "profiled round (profiler overhead included); the machine may be shared"}
-    print(f"{args.model}, {args.batch_size} facts, round {args.warmup + 1} (profiled): {seconds:.1f} s; "
-          f"warm-up rounds {', '.join(f'{s:.1f}' for s in warm)} s; {torch.get_num_threads()} threads")
-    for label, value in phase_rows.items():
-        print(f"  {label:<32}{value:8.2f} s {100 * value / seconds:6.1f} %")
-    print(f"  backward ops: {100 * backward / total_self:.1f} % of self CPU time")
-    print(f"\n{'operator':<44}{'self ms':>10}{'share':>8}{'calls':>8}")
-    for row in table:
-        print(f"{row['op'][:43]:<44}{row['self_cpu_ms']:10.0f}{100 * row['share']:7.1f}%{row['calls']:8d}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    tables = {str(p): phase_table(p) for p in args.profiles}
+    labels = list(dict.fromkeys(label for t in tables.values() for label in t["phases"]))
+    names = [p.name[:18] for p in args.profiles]
+    print(f"{'phase (share of samples in edit_step)':<40}" + "".join(f"{n:>20}" for n in names))
+    for label in labels:
+        print(f"{label:<40}" + "".join(f"{100 * t['phases'].get(label, 0.0):19.1f}%" for t in tables.values()))
+    print(f"{'  of which Linear.forward (leaf)':<40}"
+          + "".join(f"{100 * t['linear_forward_share']:19.1f}%" for t in tables.values()))
+    print(f"{'samples':<40}" + "".join(f"{t['samples']:20d}" for t in tables.values()))
+    if args.out:
+        args.out.write_text(json.dumps(tables, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
