@@ -10,7 +10,6 @@ from smedit_plugin.comeba_hk import COMEBAHKHyperParams, apply_comeba_hk_to_mode
 from smedit_plugin.comeba_hk import covariance
 from smedit_plugin.comeba_hk import main as comeba_main
 from smedit_plugin.comeba_hk.compute_z import _split_by_width, compute_target_values
-from smedit_plugin.comeba_hk.modules import cache_state, restore_cache_state
 from smedit_plugin.comeba_hk.templates import TokenView, prepare_requests
 from smedit_plugin.testing import tiny_model
 from smedit_plugin.tfcompat import cache_keyword
@@ -73,6 +72,8 @@ def test_suffix_buckets_pad_as_little_as_every_possible_cut(seed: int, max_group
 def test_a_saved_cache_state_can_be_restored_again_and_again() -> None:
     """Each suffix bucket restores its own rows of the KV cache at every step; a forward must not spoil that."""
     from transformers import DynamicCache
+
+    from smedit_plugin.comeba_hk.modules import cache_state, restore_cache_state
 
     model, _ = tiny_model("llama3", n_layers=2)
     cache = DynamicCache(config=model.config)
