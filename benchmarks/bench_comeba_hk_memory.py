@@ -78,9 +78,10 @@ def rounds_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from smedit_plugin.comeba_hk import apply_comeba_hk_to_model
-    from smedit_plugin.data import load_records, to_requests
-    from smedit_plugin.hparams import load_hparams
+    from smedit_plugin.hparams import load_method_hparams
     from smedit_plugin.models import load_model_and_tokenizer
+    from smedit_plugin.records import load_records
+    from smedit_plugin.requests import to_requests
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,7 +99,7 @@ def rounds_worker(args: argparse.Namespace) -> dict:
         model, tok = tiny_model("llama3", n_layers=4)
         hp = COMEBAHKHyperParams(alg_name=args.method, model_name=TINY, **TINY_HPARAMS)
     else:
-        hp = load_hparams(f"{args.method}/{args.model}")
+        hp = load_method_hparams(args.method, args.model)
         model, tok = load_model_and_tokenizer(args.model)
     rows = []
     clear_refs = Path("/proc/self/clear_refs")

@@ -43,10 +43,11 @@ from smedit_plugin.comeba_hk import apply_comeba_hk_to_model, load_hook_state, s
 from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer  # noqa: E402
 from smedit_plugin.comeba_hk.scope import swap_mask  # noqa: E402
 from smedit_plugin.comeba_hk.state import find_state  # noqa: E402
-from smedit_plugin.data import EditRecord, load_zsre, to_requests  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers  # noqa: E402
-from smedit_plugin.hparams import load_hparams  # noqa: E402
+from smedit_plugin.hparams import load_method_hparams  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
+from smedit_plugin.records import EditRecord, load_zsre  # noqa: E402
+from smedit_plugin.requests import to_requests  # noqa: E402
 from smedit_plugin.text import collate, encode_pairs, pad_token_id  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "zsre" / "zsre_eval.json"
@@ -181,7 +182,7 @@ def main() -> None:
         load_hook_state(model, args.state)
     else:
         reference = predict_locality_reference(model, tok, records)
-        hp = load_hparams(f"COMEBA-HK/{args.model}")
+        hp = load_method_hparams("COMEBA-HK", args.model)
         requests = to_requests(records)
         for start in range(0, len(requests), args.batch_size):
             Path("/proc/self/clear_refs").write_text("5")  # the round's own peak RSS (VmHWM reset)
