@@ -41,8 +41,10 @@ DEFAULT_TIMEOUT_S = 600
 BUCKET_BYTES = 64 * 2 ** 20
 
 
-def buckets(tensors: Sequence[Tensor], cap_bytes: int = BUCKET_BYTES) -> Iterator[list[Tensor]]:
-    """Consecutive runs of ``tensors`` of one device and dtype, each of at most ``cap_bytes`` (or one tensor)."""
+def buckets(tensors: Sequence[Tensor], cap_bytes: Optional[int] = None) -> Iterator[list[Tensor]]:
+    """Consecutive runs of ``tensors`` of one device and dtype, each of at most ``cap_bytes`` (default
+    :data:`BUCKET_BYTES`) or a single tensor."""
+    cap_bytes = BUCKET_BYTES if cap_bytes is None else cap_bytes
     bucket: list[Tensor] = []
     size = 0
     for tensor in tensors:
@@ -98,7 +100,7 @@ class RowReduce:
             flat = torch.cat([t.detach().reshape(-1) for t in bucket]).to(self.device or first.device)
             torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
             for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                tensor.detach().copy_(part.view(tensor.shape))
+                tensor.detach().copy_(part.view(tensor.shape).to(tensor.device))
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's items: every ``world_size``-th one starting at ``rank``."""
