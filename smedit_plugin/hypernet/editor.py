@@ -7,7 +7,6 @@ cache keys and value gradients of the edit tuples at the current weights, predic
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from ..editing import WeightsSnapshot, edit_transaction
 from ..request_checks import check_lengths, check_targets, warn_contradictions
 from ..edit_modules import resolve_edit_modules
 from ..errors import OVERFLOW_CAUSE, require_finite
-from ..precision import RoundingReport, float32_edit_weights, wants_float32
+from ..precision import RoundingReport, float32_edit_weights, note_rounding, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from ..distributed import SINGLE, RowReduce
@@ -28,13 +27,14 @@ from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift, shifted_weight
 from .solve import RidgeSolve
 
-logger = logging.getLogger(__name__)
-
-
 #: Likely causes of a NaN/inf ``param_shift``, named in the error.
 SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
                "is from a training run that diverged, or the model's gradients overflowed in float16 "
                "(load it in float32 or bfloat16)")
+#: What to do when rounding the edited weights loses a large part of an update (logged with it).
+ROUNDING_FIX = ("Train with a larger initial edit step size (`lr` in the TRAINING YAML; the archive's learned step "
+                "size follows it) so the updates stand above the rounding, or edit float32 weights (`model_dtype: "
+                "float32`)")
 #: Entries of the model's identity probe (:func:`identity_probe`).
 PROBE_SIZE = 64
 
@@ -212,7 +212,8 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
     """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
 
     With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
-    that are rounded once at the end; the report holds that rounding error (empty in float32).
+    that are rounded once at the end; the report holds that rounding error (empty in float32), is kept
+    for :func:`~smedit_plugin.precision.last_rounding` and logged (WARNING above 10 % of a module's update).
     """
     mbs = editor.edit_micro_batches(tok, prompts, targets)
     modules = {n: editor.edit_module(n) for n in editor.module_names}
@@ -230,9 +231,7 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    if rounding.relative_error:
-        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
-                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
+    note_rounding(model, rounding, editor.hparams.alg_name, ROUNDING_FIX)
     return rounding
 
 
