@@ -115,6 +115,8 @@ def locate(key: str, hp: Any, via_easyedit: bool) -> dict[str, float]:
              "update system + factor": 2 * f * f * 8,  # float64, one layer at a time
              "z optimisation": prompt_tokens * arch.n_layers * 2 * kv * b  # KV cache of every prompt
              + _activations(arch, facts * n_templates * 8, upper, b) + facts * n_templates * 4 * vocab * 4 * 3}
+    if hooks and b < 4:  # the hook's GEMM runs in the model dtype on a copy of delta_w
+        parts["delta_w in the model dtype"] = n_layers * d * f * b
     if via_easyedit:
         parts["C_accu copy (weights_copy)"] = n_layers * f * f * m
     if not hooks and b < 4 and hp.fp32_edit_weights is not False:
