@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smedit_plugin.hparams import load_hparams  # noqa: E402
-from smedit_plugin.methods import method_names  # noqa: E402
+from smedit_plugin.methods import HYPERNET_FAMILY, LOCATE_FAMILY, methods_of_family  # noqa: E402
 from smedit_plugin.models import ARCHITECTURES, ArchitectureInfo  # noqa: E402
 
 #: Parameters, vocabulary and KV width (n_kv_heads x head_dim) of the hub checkpoints the large YAMLs name (model cards).
@@ -128,14 +128,14 @@ def estimate() -> list[dict[str, Any]]:
     """One row per (model, method, run, YAML variant) with every item in bytes."""
     rows = []
     for key in CHECKPOINTS:
-        for method in method_names(needs_archive=True):
+        for method in methods_of_family(HYPERNET_FAMILY):
             for sub, training in ((method, False), (f"TRAINING/{method}", True)):
                 for path in sorted((ROOT / "hparams" / sub).glob(f"{key}*.yaml")):
                     hp = load_hparams(str(path))
                     rows.append({"model": key, "method": method, "run": "train" if training else "edit",
                                  "variant": path.stem[len(key):].lstrip("-") or "default",
                                  "items": hypernet(key, hp, training)})
-        for method in method_names(needs_archive=False):
+        for method in methods_of_family(LOCATE_FAMILY):
             hp = load_hparams(f"{method}/{key}")
             for run, via in (("step", False), ("step via EasyEdit", True)):
                 rows.append({"model": key, "method": method, "run": run, "variant": "default",
@@ -166,7 +166,7 @@ def main() -> None:
         print(f"| {method} | {run} | {variant} | " + " | ".join(cells.get(k, "-") for k in keys) + " |")
     for key in keys:
         for family, title in ((True, "hypernetwork methods"), (False, "COMEBA-HK and MEMIT-C")):
-            mine = [r for r in rows if r["model"] == key and (r["method"] in method_names(needs_archive=True)) == family]
+            mine = [r for r in rows if r["model"] == key and (r["method"] in methods_of_family(HYPERNET_FAMILY)) == family]
             items = list(dict.fromkeys(item for r in mine for item in r["items"]))
             print(f"\n{key}, {title}, item by item (GB)\n")
             print("| method | run | YAML | total | " + " | ".join(items) + " |")
