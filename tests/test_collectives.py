@@ -17,7 +17,7 @@ from smedit_plugin.records import load_records
 from smedit_plugin import distributed
 from smedit_plugin.distributed import RowReduce, buckets
 from smedit_plugin.hypernet.trainer import MetaTrainer
-from smedit_plugin.methods import method_spec
+from smedit_plugin.resolve import hparams_class
 from smedit_plugin.testing import tiny_model
 from smedit_plugin.tfcompat import transformers_version
 from spread_devices import GPUS, fake_gpus, spread
@@ -49,7 +49,7 @@ def test_every_collective_input_of_a_training_unit_is_on_a_gpu(monkeypatch, zsre
     with the rank's device given, every input is on that device."""
     seen = _record_collectives(monkeypatch)
     records = load_records(zsre_train_path, "zsre", limit=8)
-    hp = method_spec(alg).hparams_class()(alg_name=alg, model_name="tiny-llama", edit_modules=MODULES, rank=4,
+    hp = hparams_class(alg)(alg_name=alg, model_name="tiny-llama", edit_modules=MODULES, rank=4,
                                           n_blocks=2, lr=1e-2, meta_lr=1e-3, n_edits=4, micro_batch_size=1,
                                           chunk_size=3, max_steps=1, val_fraction=0.0, **extra)
     model, tok = tiny_model("llama3", n_layers=4)

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 from smedit_plugin.records import load_records
 from smedit_plugin.hypernet.editor import HypernetEditor, edit_batch
 from smedit_plugin.hypernet.trainer import MetaTrainer
-from smedit_plugin.methods import method_spec
+from smedit_plugin.resolve import hparams_class
 from smedit_plugin.testing import tiny_model
 from smedit_plugin.tfcompat import transformers_version
 from spread_devices import GPUS, OnDevice, fake_gpus, spread
@@ -75,7 +75,7 @@ class HostSyncs(TorchDispatchMode):
 
 
 def _hparams(alg: str, micro_batch_size: int, **extra: Any):
-    return method_spec(alg).hparams_class()(alg_name=alg, model_name="tiny-llama", edit_modules=MODULES, rank=4,
+    return hparams_class(alg)(alg_name=alg, model_name="tiny-llama", edit_modules=MODULES, rank=4,
                                             n_blocks=2, lr=1e-2, meta_lr=1e-3, n_edits=4,
                                             micro_batch_size=micro_batch_size, chunk_size=3, max_steps=1,
                                             val_fraction=0.0, **extra)
