@@ -156,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help="extra overrides for single-round editing only (the paper uses lambda 5000 there vs 15000)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); 1 avoids "
                         "thread thrashing when other jobs share the cores")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype the model is loaded in (the hook state stays float32/float64)")
     parser.add_argument("--out", type=Path, default=Path("bench_comeba_hk.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -165,14 +167,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base, tok = load_model_and_tokenizer(args.model)
+    base, tok = load_model_and_tokenizer(args.model, dtype=args.dtype)
     n_records = max(args.n_edits if not args.skip_consecutive else 0, args.single_n)
     records = load_zsre(args.data, limit=n_records)
     print(f"{len(records)} ZsRE records; locality reference on the unedited model", flush=True)
     reference = predict_locality_reference(base, tok, records)
     pre = _scores(evaluate_records(base, tok, records, dataset="zsre", locality="agreement", reference=reference,
                                    progress=False))
-    results: dict[str, Any] = {"model": args.model, "n_edits": args.n_edits, "batch_size": args.batch_size,
+    results: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "n_edits": args.n_edits,
+                               "batch_size": args.batch_size,
                                "threads": torch.get_num_threads(), "overrides": overrides,
                                "single_round_overrides": single_overrides, "unedited": pre,
                                "methods": {}}

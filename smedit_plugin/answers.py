@@ -12,12 +12,35 @@ import contextlib
 import inspect
 from typing import Iterator, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from .devices import model_input_device
 from .text import answer_mask
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class AnswerRows:
+    """Flat row indices of a micro-batch's answer positions, built on the host once and sent to each device once.
+
+    Gathering rows with them (``index_select``) has a shape known on the host; a boolean-mask index
+    on a GPU tensor has to wait for the device to count the mask (a host synchronisation per module
+    and micro-batch).
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        self.shape = tuple(mask.shape)
+        self._index = {torch.device("cpu"): mask.cpu().reshape(-1).nonzero().squeeze(1)}
+
+    def on(self, device: torch.device) -> Tensor:
+        if device not in self._index:
+            self._index[device] = self._index[torch.device("cpu")].to(device, non_blocking=True)
+        return self._index[device]
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """``tensor[mask]`` for a ``[batch, seq, ...]`` tensor: rows (example, position) row-major."""
+        return tensor.reshape(-1, *tensor.shape[2:]).index_select(0, self.on(tensor.device))
 
 
 def check_micro_batch(batch: Mapping[str, Tensor]) -> None:
@@ -53,17 +76,17 @@ def answer_logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     check_micro_batch(batch)
     device = model_input_device(model)
     mask = answer_mask(batch["labels"]).cpu()
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-              "use_cache": False}
+    # host tensors go to the device without waiting for it (a blocking copy synchronises the stream)
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "attention_mask": batch["attention_mask"].to(device, non_blocking=True), "use_cache": False}
     if not accepts_logits_to_keep(model):
-        logits = model(**inputs).logits
-        return logits[mask.to(logits.device)]
+        return AnswerRows(mask).gather(model(**inputs).logits)
     positions = mask.any(dim=0).nonzero().squeeze(1)
     logits = model(**inputs, logits_to_keep=positions).logits
     if logits.shape[1] != positions.numel():
         raise RuntimeError(f"{type(model).__name__} ignored logits_to_keep (got {logits.shape[1]} positions, "
                            f"expected {positions.numel()})")
-    return logits[mask[:, positions].to(logits.device)]
+    return AnswerRows(mask[:, positions]).gather(logits)
 
 
 @contextlib.contextmanager

@@ -13,12 +13,20 @@ needs from the whole batch is a sum over rows or over micro-batches, and only th
 
 So the shift, the solve and the update do not depend on the number of ranks (up to float rounding).
 A single process never touches this module's collectives: :data:`SINGLE` reduces nothing.
+
+Every collective's input is on the rank's device (NCCL takes CUDA tensors only): a tensor held
+elsewhere (a hypernetwork on the CPU, say) travels through a copy there and back. Many tensors
+summed together (the hypernetwork gradients of an Adam step, the meta-loss gradients, the
+normalisers' statistics) are packed into flat buffers of up to :data:`BUCKET_BYTES`, one
+collective each, as DDP buckets gradients. On two ranks a packed sum is bit-identical to one
+collective per tensor (each element is ``a + b`` either way); on more ranks the backend may add an
+element's terms in another order, which moves it by float rounding only.
 """
 from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,16 +37,38 @@ T = TypeVar("T")
 
 #: Seconds a collective may wait for the other ranks before the run fails (``SMEDIT_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT_S = 600
+#: Largest flat buffer one packed all-reduce sends; a bigger tensor is reduced alone, without a copy.
+BUCKET_BYTES = 64 * 2 ** 20
+
+
+def buckets(tensors: Sequence[Tensor], cap_bytes: Optional[int] = None) -> Iterator[list[Tensor]]:
+    """Consecutive runs of ``tensors`` of one device and dtype, each of at most ``cap_bytes`` (default
+    :data:`BUCKET_BYTES`) or a single tensor."""
+    cap_bytes = BUCKET_BYTES if cap_bytes is None else cap_bytes
+    bucket: list[Tensor] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and ((tensor.device, tensor.dtype) != (bucket[0].device, bucket[0].dtype)
+                       or size + nbytes > cap_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 class RowReduce:
     """Sums across the ranks of one data-parallel run; the identity when ``world_size == 1``."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
         self.rank = rank
         self.world_size = world_size
+        #: where every collective's input lives (the rank's GPU under NCCL); None = wherever the tensor is
+        self.device = torch.device(device) if device is not None else None
 
     @property
     def active(self) -> bool:
@@ -51,19 +81,26 @@ class RowReduce:
         return self.rank == 0
 
     def sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over ranks (a new tensor; the input is left as it was)."""
+        """``tensor`` summed over ranks (a new tensor on the input's device; the input is left as it was)."""
         if not self.active:
             return tensor
-        out = tensor.detach().clone().contiguous()
+        out = tensor.detach().to(self.device or tensor.device, copy=True, memory_format=torch.contiguous_format)
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
-        return out
+        return out.to(tensor.device)
 
     def sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Sum each tensor over ranks in place (gradients before the optimiser step)."""
+        """Sum each tensor over ranks in place, packed into flat buffers of up to :data:`BUCKET_BYTES`."""
         if not self.active:
             return
-        for tensor in tensors:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        for bucket in buckets(tensors):
+            first = bucket[0]
+            if len(bucket) == 1 and first.is_contiguous() and first.device == (self.device or first.device):
+                torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.SUM)
+                continue
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket]).to(self.device or first.device)
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                tensor.detach().copy_(part.view(tensor.shape).to(tensor.device))
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's items: every ``world_size``-th one starting at ``rank``."""
@@ -148,7 +185,7 @@ def init_from_environment(timeout_s: Optional[float] = None) -> tuple[RowReduce,
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return RowReduce(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+    return RowReduce(torch.distributed.get_rank(), torch.distributed.get_world_size(), device), device
 
 
 def shutdown(reduce: RowReduce) -> None:

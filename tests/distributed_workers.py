@@ -191,3 +191,57 @@ def mismatch_case(rank: int, world_size: int, data: str, out: str, field: str, v
     except Exception as exc:  # reported, not raised: the test compares the ranks' messages
         outcome = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
     Path(f"{report}.rank{rank}.json").write_text(json.dumps(outcome))
+class PerTensorReduce:
+    """The reducer before packing: one all-reduce per tensor (the reference for the bit-identity test)."""
+
+    def __new__(cls, rank: int, world_size: int):
+        from smedit_plugin.distributed import RowReduce
+
+        class _PerTensor(RowReduce):
+            def sum_(self, tensors) -> None:
+                for tensor in tensors:
+                    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+        return _PerTensor(rank, world_size)
+
+
+def packed_sums(rank: int, world_size: int, out: str) -> None:
+    """``RowReduce.sum_`` over tensors of mixed dtype, layout and size (buckets of 256 bytes) against one
+    all-reduce per tensor; rank 0 saves both results."""
+    from smedit_plugin import distributed
+
+    distributed.BUCKET_BYTES = 256
+    gen = torch.Generator().manual_seed(10 + rank)
+    made = [torch.randn(5, 7, generator=gen), torch.randn(3, dtype=torch.float64, generator=gen),
+            torch.randn(6, 4, generator=gen).T, torch.randn(200, generator=gen), torch.randn(2, 3, generator=gen),
+            torch.randn((), dtype=torch.float64, generator=gen)]
+    packed = [t.clone() for t in made]
+    distributed.RowReduce(rank, world_size).sum_(packed)
+    one_by_one = [t.clone().contiguous() for t in made]
+    for tensor in one_by_one:
+        torch.distributed.all_reduce(tensor)
+    if rank == 0:
+        torch.save({"packed": packed, "per_tensor": one_by_one, "strides": [t.stride() for t in packed],
+                    "made_strides": [t.stride() for t in made]}, Path(out))
+
+
+def train_packed_and_per_tensor(rank: int, world_size: int, data: str, out: str) -> None:
+    """Each case trained on the same ranks with the packed reducer and with one all-reduce per tensor."""
+    from smedit_plugin.records import load_records
+    from smedit_plugin.distributed import RowReduce
+    from smedit_plugin.hypernet.trainer import MetaTrainer
+    from smedit_plugin.testing import tiny_model
+
+    records = load_records(Path(data), "zsre", limit=48)
+    results = {}
+    for case in ("SMEdit", "RLEdit2"):
+        for name, reducer in (("packed", RowReduce), ("per_tensor", PerTensorReduce)):
+            model, tok = tiny_model("smollm2", n_layers=4)
+            hp = case_hparams(case).replace(max_steps=2)
+            torch.manual_seed(hp.seed)
+            trainer = MetaTrainer(model, tok, hp, reduce=reducer(rank, world_size))
+            state = trainer.train(records, progress=False)
+            results[(case, name)] = ({k: v.detach().clone() for k, v in trainer.editor.state_dict().items()},
+                                     [entry["loss"] for entry in state.history])
+    if rank == 0:
+        torch.save(results, Path(out))

@@ -563,12 +563,23 @@ def test_save_state_refuses_a_foreign_folder_and_a_file(model, tok, tmp_path) ->
 # ============================================================================================
 
 def _nan_at(call: int, real: Callable) -> Callable:
-    """``predict_param_shift`` / ``consecutive_update`` whose ``call``-th result (0-based) is NaN."""
+    """``predict_param_shift`` / ``consecutive_update`` whose ``call``-th result (0-based) is NaN.
+
+    As a real NaN would, the poisoned call stays poisoned when the same inputs come again (a BP step
+    that fails its one check recomputes its shifts module by module to name the culprit).
+    """
     count = {"n": 0}
+    poisoned: list[tuple] = []
+
+    def same(a: tuple, b: tuple) -> bool:
+        return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                                        and x.shape == y.shape else x is y for x, y in zip(a, b))
 
     def wrapped(*args, **kwargs):
         out = real(*args, **kwargs)
-        hit = count["n"] == call
+        hit = count["n"] == call or any(same(args, earlier) for earlier in poisoned)
+        if count["n"] == call:
+            poisoned.append(tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args))
         count["n"] += 1
         if not hit:
             return out

@@ -144,14 +144,14 @@ def test_a_failure_mid_edit_restores_the_weights(tiny4, malmen2, requests, monke
     calls: list[int] = []
     first_module_edited: list[bool] = []
 
-    def fails_on_second_module(*args, **kwargs):
+    def fails_in_the_second_step(*args, **kwargs):  # a step writes its shifts after all modules are predicted
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == len(MODULES) + 2:
             first_module_edited.append(not torch.equal(model.get_parameter(WEIGHTS[0]), before[WEIGHTS[0]]))
             raise RuntimeError("simulated failure in the second module")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(editor_module, "predict_param_shift", fails_on_second_module)
+    monkeypatch.setattr(editor_module, "predict_param_shift", fails_in_the_second_step)
     with pytest.raises(RuntimeError, match="simulated failure"):
         apply_malmen2_to_model(model, tok, requests, malmen2, return_orig_weights=True)
     assert first_module_edited == [True]  # the failure really came after a weight had changed

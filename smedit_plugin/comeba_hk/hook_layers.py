@@ -15,8 +15,10 @@ hook on the rewrite module adds ``delta_w k`` to its output according to the mod
   the hooks the edited model runs with at inference, spec A12);
 * ``off``: output unchanged.
 
-``||delta_w k||`` is computed in float32 directly rather than as ``O - P`` in the model dtype, whose
-fp16/bf16 rounding would dominate for out-of-scope tokens (spec 2.3). The :class:`HookController`
+``delta_w k`` is computed directly rather than as ``O - P``, whose fp16/bf16 rounding would dominate
+for out-of-scope tokens (spec 2.3), by one GEMM in the model's dtype (a bf16 model multiplies a bf16
+copy of ``delta_w``, made once per change of ``delta_w``: on GPUs an fp32 GEMM per token would run on
+the slow non-tensor-core path); its norm and z-score are accumulated in float32. The :class:`HookController`
 on the root model captures the attention mask and input ids of each forward, so padding and BOS
 can be left out of the statistics (spec A3, A4).
 """
@@ -83,6 +85,7 @@ class HookLayer(nn.Module):
         self.scope = scope
         self.mode = "validated"
         self.recorded: list[torch.Tensor] = []
+        self._cast: Optional[tuple[tuple, torch.Tensor]] = None  # (key, delta_w in a model dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "HookLayer":
         """Follow the model's device moves but never its dtype casts.
@@ -95,11 +98,23 @@ class HookLayer(nn.Module):
             probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
             return tensor.to(probe.device)
 
+        self._cast = None
         return super()._apply(device_only, recurse)
 
+    def _delta_w_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """``delta_w`` in ``dtype``: itself for float32, else a copy kept until ``delta_w`` changes (an edit, a
+        rollback or a device move bumps its version or storage)."""
+        if dtype == self.delta_w.dtype:
+            return self.delta_w
+        key = (self.delta_w.data_ptr(), self.delta_w._version, dtype)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = None  # the old copy goes before the new one is made
+            self._cast = (key, self.delta_w.detach().to(dtype))
+        return self._cast[1]
+
     def shift(self, keys: torch.Tensor) -> torch.Tensor:
-        """``delta_w k`` for every token, float32."""
-        return torch.nn.functional.linear(keys.float(), self.delta_w.float())
+        """``delta_w k`` for every token, in the keys' (the model's) dtype."""
+        return torch.nn.functional.linear(keys, self._delta_w_in(keys.dtype))
 
     def forward_hook(self, _module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
         """The rewrite module's output with the hook applied per :attr:`mode`."""
@@ -108,7 +123,7 @@ class HookLayer(nn.Module):
         shift = self.shift(args[0])
         if self.mode == "temporary":
             return output + shift.to(output.dtype)
-        norms = torch.linalg.vector_norm(shift, dim=-1)
+        norms = torch.linalg.vector_norm(shift, dim=-1, dtype=torch.float32)
         batch_shape = norms.shape
         norms2d = norms.reshape(-1, batch_shape[-1])
         valid = self.scope.valid_for(norms2d.shape[0], norms2d.shape[1], norms.device)

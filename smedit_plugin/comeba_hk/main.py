@@ -27,7 +27,7 @@ from ..devices import model_input_device
 from ..edit_modules import refuse_offloaded, weight_shape_in_out
 from ..editing import edit_transaction, maybe_copy_model, weights_copy_for_easyedit, weights_copy_wanted
 from ..errors import OVERFLOW_CAUSE, NonFiniteUpdateError, require_finite
-from ..precision import float32_edit_weights, wants_float32
+from ..precision import float32_edit_weights, note_rounding, wants_float32
 from ..request_checks import check_lengths, check_locality, check_targets, warn_contradictions
 from .compute_ks import compute_keys_and_cur
 from .compute_z import compute_target_values
@@ -207,6 +207,8 @@ def edit_step(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp: C
         if hooks:
             set_mode(layers, "validated")
     report["rounding_error"] = rounding.relative_error
+    note_rounding(model, rounding, hp.alg_name, "Load the model in float32 (`model_dtype: float32`), or use COMEBA-HK, "
+                  "whose hooks keep the update in float32")
     report["seconds"] = time.perf_counter() - tick
     logger.info("%s step %d: %d edits in %.1f s (z %.1f s, z steps %s, z loss %s, residual norms %s, alpha %s)",
                 hp.alg_name, int(controller.steps), len(requests), report["seconds"], report["z_seconds"],

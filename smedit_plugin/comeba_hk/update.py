@@ -5,22 +5,47 @@ Shapes follow the paper: ``keys`` ``K`` is ``[f, n]`` (one column per request), 
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 
+logger = logging.getLogger(__name__)
 
-def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^{-1} b`` for a symmetric positive (semi)definite ``a``: Cholesky, else LU, else least squares.
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor, stored: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``a^{-1} b`` for a symmetric positive (semi)definite ``a``: Cholesky, else the pseudo-inverse ``a^+ b``.
 
     ``C_accu`` is SPD whenever ``lambda * E[kk^T]`` is; a singular covariance (tiny corpus, lambda 0)
-    falls through to the more tolerant solvers instead of failing.
+    gets the minimum-norm least-squares solution from an eigendecomposition, which is right on every
+    device. (LU returns a finite but wrong answer for a numerically singular ``a``, and CUDA's only
+    ``lstsq`` driver, ``gels``, assumes full rank.) A non-finite ``a`` gives NaN, which the caller's
+    finite check reports with its likely cause. ``stored``: the dtype ``a`` was held in before the float64
+    solve (its rounding level decides which eigenvalues count as zero; default ``a``'s own dtype).
     """
     factor, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(b, factor)
-    solution, info = torch.linalg.solve_ex(a, b)
-    if int(info) == 0 and torch.isfinite(solution).all():
-        return solution
-    return torch.linalg.lstsq(a, b).solution
+    if not bool(torch.isfinite(a).all()):
+        return torch.full_like(b, float("nan"))
+    return pinv_solve(a, b, stored or a.dtype)
+
+
+def pinv_solve(a: torch.Tensor, b: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """``a^+ b`` for a symmetric ``a`` from ``eigh``; memory is two ``n x n`` matrices.
+
+    Eigenvalues within ``n * eps(stored) * max|eigenvalue|`` of 0 count as 0: ``torch.linalg.pinv``'s
+    default cutoff, at the rounding level of the dtype ``a`` was stored in (a float32 ``C_accu`` carries
+    noise eigenvalues far above float64's).
+    """
+    values, vectors = torch.linalg.eigh(a)
+    cutoff = a.shape[0] * torch.finfo(stored).eps * values.abs().max()
+    kept = values.abs() > cutoff
+    inverse = torch.where(kept, values.reciprocal(), torch.zeros_like(values))
+    logger.warning("the update system C_accu + K K^T is not positive definite (numerical rank %d of %d); using its "
+                   "pseudo-inverse (the minimum-norm update). Raise mom2_update_weight, collect more covariance "
+                   "samples or set cov_ridge > 0 to make it definite", int(kept.sum()), a.shape[0])
+    return vectors @ (inverse[:, None] * (vectors.T @ b))
 
 
 def consecutive_update(residuals: torch.Tensor, keys: torch.Tensor, c_accu: torch.Tensor) -> torch.Tensor:
@@ -32,7 +57,7 @@ def consecutive_update(residuals: torch.Tensor, keys: torch.Tensor, c_accu: torc
     k = keys.double()
     system = c_accu.double() if c_accu.dtype != torch.float64 else c_accu.clone()  # one float64 f x f copy
     system.add_(k @ k.T)
-    solved = solve_spd(system, k)
+    solved = solve_spd(system, k, stored=c_accu.dtype)
     return residuals.double() @ solved.T
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..answers import check_micro_batch
+from ..answers import AnswerRows, check_micro_batch
 from ..text import answer_mask
 from .losses import answer_cross_entropy
 from .prefix import FrozenPrefix, forward_context
@@ -79,7 +79,7 @@ class ModuleCache:
             yield keys[rows].to(device=device, dtype=dtype), value_grads[rows].to(device=device, dtype=dtype)
 
 
-def _capture_hook(name: str, mask: Tensor,
+def _capture_hook(name: str, rows: AnswerRows,
                   captured: dict[str, tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple, Tensor], Tensor]:
     """Forward hook storing the module input at the answer positions and its (grad-tracking) output."""
 
@@ -90,12 +90,12 @@ def _capture_hook(name: str, mask: Tensor,
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise TypeError(f"edit module {name!r} must take and return a single tensor")
         inputs = args[0]
-        if inputs.shape[:2] != mask.shape or output.shape[:2] != mask.shape:
+        if inputs.shape[:2] != rows.shape or output.shape[:2] != rows.shape:
             raise ValueError(f"edit module {name!r} saw input {tuple(inputs.shape)} / output {tuple(output.shape)}; "
-                             f"expected [batch, seq, features] with [batch, seq] = {tuple(mask.shape)}")
+                             f"expected [batch, seq, features] with [batch, seq] = {rows.shape}")
         if not output.requires_grad:
             output = output.detach().requires_grad_()
-        captured[name] = (inputs.detach()[mask.to(inputs.device)], output)
+        captured[name] = (rows.gather(inputs.detach()), output)
         return output
 
     return hook
@@ -104,9 +104,9 @@ def _capture_hook(name: str, mask: Tensor,
 def _trace_micro_batch(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch: Mapping[str, Tensor],
                        prefix: Optional[FrozenPrefix] = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Keys and value gradients of every module for one micro-batch, on the modules' devices."""
-    mask = answer_mask(batch["labels"])
+    rows = AnswerRows(answer_mask(batch["labels"]))
     captured: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = [module.register_forward_hook(_capture_hook(name, mask, captured)) for name, module in modules]
+    handles = [module.register_forward_hook(_capture_hook(name, rows, captured)) for name, module in modules]
     try:
         with torch.enable_grad(), forward_context(prefix, batch):
             loss = answer_cross_entropy(model, batch)
@@ -122,7 +122,7 @@ def _trace_micro_batch(model: nn.Module, modules: Sequence[tuple[str, nn.Module]
     for name, grad in zip(names, grads):
         if grad is None:
             raise ValueError(f"the answer loss does not depend on edit module {name!r}; check edit_modules")
-        traced[name] = (captured[name][0], grad[mask.to(grad.device)])
+        traced[name] = (captured[name][0], rows.gather(grad))
     return traced
 
 

@@ -7,7 +7,6 @@ cache keys and value gradients of the edit tuples at the current weights, predic
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -18,23 +17,24 @@ from ..editing import WeightsSnapshot, edit_transaction
 from ..request_checks import check_lengths, check_targets, warn_contradictions
 from ..edit_modules import resolve_edit_modules
 from ..errors import OVERFLOW_CAUSE, require_finite
-from ..precision import RoundingReport, float32_edit_weights, wants_float32
+from ..precision import RoundingReport, float32_edit_weights, note_rounding, wants_float32
 from ..text import build_batch
 from .cache import ModuleCache, cache_keys_and_value_grads
 from ..distributed import SINGLE, RowReduce
 from .hparams import HypernetHyperParams
-from .network import HyperNet, build_hypernets, shape_key
+from .network import HyperNet, build_hypernets, shape_key, update_normalisers
 from .prefix import FrozenPrefix
-from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift
+from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift, shifted_weight
 from .solve import RidgeSolve
-
-logger = logging.getLogger(__name__)
-
 
 #: Likely causes of a NaN/inf ``param_shift``, named in the error.
 SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
                "is from a training run that diverged, or the model's gradients overflowed in float16 "
                "(load it in float32 or bfloat16)")
+#: What to do when rounding the edited weights loses a large part of an update (logged with it).
+ROUNDING_FIX = ("Train with a larger initial edit step size (`lr` in the TRAINING YAML; the archive's learned step "
+                "size follows it) so the updates stand above the rounding, or edit float32 weights (`model_dtype: "
+                "float32`)")
 #: Entries of the model's identity probe (:func:`identity_probe`).
 PROBE_SIZE = 64
 
@@ -128,36 +128,58 @@ class HypernetEditor(nn.Module):
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
                 update_normaliser: bool, prefix: Optional[FrozenPrefix] = None,
                 for_meta_backward: bool = True, reduce: RowReduce = SINGLE) -> StepRecord:
-        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply it.
+        """Cache at the current weights, predict every module's shift with step ``step``'s network, apply them.
 
         ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
         ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
-        its shift is applied, so one module's worth is held at a time; the record then holds shifts only.
+        its shift is computed, so one module's worth is held at a time; the record then holds shifts only.
         ``reduce``: ``micro_batches`` are this rank's share; normaliser statistics and solves use every rank's rows.
+
+        The host waits for the device once per step: one check that every solve succeeded and every
+        weight plus its shift is finite, before any weight is written. When it fails (rarely), the step's
+        shifts are computed again module by module, which names the module and the cause, or falls back
+        to an LU solve where only the Cholesky factorisation failed.
         """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
-        caches = cache_keys_and_value_grads(model, pairs, list(micro_batches), storage_device=self.device,
-                                            prefix=prefix)
+        batches = list(micro_batches)
+        caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix)
         if update_normaliser:
-            for pos, name in enumerate(self.module_names):
-                self.net_for(step, pos).update_normaliser(caches[name].keys, caches[name].value_grads, reduce)
-        shifts, solvers = {}, {}
+            update_normalisers([self.net_for(step, pos).normaliser_update(caches[name].keys, caches[name].value_grads)
+                                for pos, name in enumerate(self.module_names)], reduce)
+        shifts, solvers, flags = self._predict(step, caches, for_meta_backward, reduce, eager=False)
+        if not bool(torch.stack(flags).all()):
+            if not for_meta_backward:  # the rows were dropped module by module; no weight has changed yet
+                caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix)
+            shifts, solvers, _ = self._predict(step, caches, for_meta_backward, reduce, eager=True)
+        for name, shift in shifts.items():
+            add_param_shift_(self._modules_ref[name], shift)
+        return StepRecord(step, caches, shifts, solvers, reduce)
+
+    def _predict(self, step: int, caches: dict[str, ModuleCache], keep: bool, reduce: RowReduce,
+                 eager: bool) -> tuple[dict[str, torch.Tensor], dict[str, RidgeSolve], list[torch.Tensor]]:
+        """Every module's shift, nothing written. ``eager``: check each module at once, naming it and the cause;
+        otherwise return one device flag per module (solve healthy, weight plus shift finite) and never wait."""
+        shifts, solvers, flags = {}, {}, []
+        where = f"BP step {step + 1} of {self.hparams.bp_steps}"
         for pos, name in enumerate(self.module_names):
-            c = caches[name] if for_meta_backward else caches.pop(name)
+            c = caches[name] if keep else caches.pop(name)
             shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
                                                    c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size,
-                                                   reduce=reduce)
+                                                   reduce=reduce, check=eager)
             del c
+            module = self._modules_ref[name]
+            if eager:
+                require_finite(shift, method=self.hparams.alg_name, where=where, module=name, cause=SHIFT_CAUSE)
+                require_finite(shifted_weight(module, shift), method=self.hparams.alg_name, where=where, module=name,
+                               cause=OVERFLOW_CAUSE)
+            else:
+                finite = shifted_weight(module, shift).isfinite().all()
+                flags.append(solver.healthy.to(self.device) & finite.to(self.device))
             shifts[name] = shift
-            if for_meta_backward:
+            if keep:
                 solvers[name] = solver
             del solver
-            where = f"BP step {step + 1} of {self.hparams.bp_steps}"
-            require_finite(shift, method=self.hparams.alg_name, where=where, module=name, cause=SHIFT_CAUSE)
-            add_param_shift_(self._modules_ref[name], shift)
-            require_finite(self._modules_ref[name].weight, method=self.hparams.alg_name, where=where, module=name,
-                           cause=OVERFLOW_CAUSE)
-        return StepRecord(step, caches, shifts, solvers, reduce)
+        return shifts, solvers, flags
 
     def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
         """A :class:`FrozenPrefix` for this editor's modules, or None when ``reuse_frozen_prefix`` is off."""
@@ -190,7 +212,8 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
     """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
 
     With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
-    that are rounded once at the end; the report holds that rounding error (empty in float32).
+    that are rounded once at the end; the report holds that rounding error (empty in float32), is kept
+    for :func:`~smedit_plugin.precision.last_rounding` and logged (WARNING above 10 % of a module's update).
     """
     mbs = editor.edit_micro_batches(tok, prompts, targets)
     modules = {n: editor.edit_module(n) for n in editor.module_names}
@@ -208,9 +231,7 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    if rounding.relative_error:
-        logger.info("edit rounded back to %s once; relative rounding error of each module's update: %s",
-                    weights[0].dtype, {k: round(v, 4) for k, v in rounding.relative_error.items()})
+    note_rounding(model, rounding, editor.hparams.alg_name, ROUNDING_FIX)
     return rounding
 
 

@@ -17,7 +17,7 @@ def token_mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"expected logits [P, vocab] and targets [P], got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
-    return F.cross_entropy(logits.float(), targets.to(logits.device))
+    return F.cross_entropy(logits.float(), targets.to(logits.device, non_blocking=True))
 
 
 def answer_cross_entropy(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:

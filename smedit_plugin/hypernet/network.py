@@ -7,7 +7,7 @@ embeddings, edit step size ``lr`` and ridge coefficient ``lamda``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,28 +62,19 @@ class RunningMeanStd(nn.Module):
         With ``reduce``, ``x`` is this rank's share of the batch and the batch statistics are those of
         the rows of all ranks (count, sum and squared deviations summed over ranks).
         """
-        if x.dim() != 2 or x.shape[1] != self.size:
-            raise ValueError(f"normaliser update expects rows of width {self.size}, got shape {tuple(x.shape)}")
-        if self.frozen:
-            return
-        rows = x.detach().to(self.mean.device)
-        m = float(reduce.sum(torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device)))
-        if m == 0:
-            return
-        n = float(self.n)
+        update_normalisers([(self, (x,), None)], reduce)
+
+    def _merge(self, m: Tensor, batch_mean: Tensor, batch_var: Tensor) -> None:
+        """Chan's merge of a batch of ``m`` rows into the statistics, in float64 on the device (no host read)."""
+        n = self.n.clone()
         n_new = n + m
-        # float64 sums over row chunks: no float64 copy of every row at once
-        chunks = rows.split(NORMALISER_ROWS)
-        zero = torch.zeros(self.size, dtype=torch.float64, device=rows.device)
-        batch_mean = reduce.sum(sum((chunk.double().sum(dim=0) for chunk in chunks), zero)) / m
-        batch_var = reduce.sum(sum(((chunk.double() - batch_mean).square().sum(dim=0) for chunk in chunks), zero)) / m
         mean = self.mean.to(torch.float64)
         delta = batch_mean - mean
         m2 = self.var.to(torch.float64) * n + batch_var * m + delta.square() * (n * m / n_new)
         self.mean.copy_(mean + delta * (m / n_new))
-        self.var.copy_(m2 / max(n_new, 1.0))
+        self.var.copy_(m2 / n_new.clamp(min=1.0))
         self.std.copy_(torch.sqrt(m2 / (n_new - 1.0 + 1e-8)))
-        self.n.fill_(n_new)
+        self.n.copy_(n_new)
 
     def forward(self, x: Tensor) -> Tensor:
         """Standardise ``x`` with the current statistics (no update)."""
@@ -145,7 +136,11 @@ class HyperNet(nn.Module):
 
     def update_normaliser(self, keys: Tensor, value_grads: Tensor, reduce: RowReduce = SINGLE) -> None:
         """Feed one batch of cached rows ``[keys; value_grads]`` into the running statistics (all ranks' rows)."""
-        self.normaliser.update(torch.cat([keys.to(self.dtype), value_grads.to(self.dtype)], dim=1), reduce)
+        update_normalisers([self.normaliser_update(keys, value_grads)], reduce)
+
+    def normaliser_update(self, keys: Tensor, value_grads: Tensor) -> "NormaliserUpdate":
+        """The update :meth:`update_normaliser` makes, for :func:`update_normalisers` to pack with others."""
+        return self.normaliser, (keys, value_grads), self.dtype
 
     def forward(self, keys: Tensor, value_grads: Tensor, module_idx: int) -> tuple[Tensor, Tensor]:
         """Return ``(pseudo_keys, pseudo_value_grads)``; inputs are cast to the network's device/dtype."""
@@ -171,6 +166,52 @@ class HyperNet(nn.Module):
         """Per-module ridge coefficient ``exp(lamda)`` (scalar tensor carrying grad)."""
         self._check_module_idx(module_idx)
         return self.lamda.weight[module_idx, 0].exp()
+
+
+#: One normaliser update: the normaliser, the column blocks of its rows (``(keys, value_grads)``, side by
+#: side), and the dtype the rows are cast to first (None = as they are).
+NormaliserUpdate = tuple[RunningMeanStd, Sequence[Tensor], Optional[torch.dtype]]
+
+
+def _row_blocks(norm: RunningMeanStd, parts: Sequence[Tensor], dtype: Optional[torch.dtype]) -> Iterator[Tensor]:
+    """float64 blocks of at most ``NORMALISER_ROWS`` rows of ``[parts[0] | parts[1] | ...]``, built one at a time."""
+    for start in range(0, parts[0].shape[0], NORMALISER_ROWS):
+        rows = slice(start, start + NORMALISER_ROWS)
+        block = [part.detach()[rows].to(dtype) if dtype is not None else part.detach()[rows] for part in parts]
+        yield (torch.cat(block, dim=1) if len(block) > 1 else block[0]).to(norm.mean.device).double()
+
+
+@torch.no_grad()
+def update_normalisers(updates: Sequence[NormaliserUpdate], reduce: RowReduce = SINGLE) -> None:
+    """Merge each batch of rows into its normaliser, in order (one normaliser may appear several times).
+
+    The batch statistics are float64 sums over row blocks, so no float64 (or concatenated) copy of
+    all rows is made. Across ranks the counts and sums of every update travel in one packed
+    reduction and the squared deviations in a second; nothing is read back to the host.
+    """
+    live = []
+    for norm, parts, dtype in updates:
+        shapes = [tuple(part.shape) for part in parts]
+        if any(len(shape) != 2 or shape[0] != shapes[0][0] for shape in shapes) \
+                or sum(shape[1] for shape in shapes) != norm.size:
+            raise ValueError(f"normaliser update expects rows of width {norm.size}, got shapes {shapes}")
+        if not norm.frozen and (reduce.active or parts[0].shape[0] > 0):
+            live.append((norm, parts, dtype))
+    if not live:
+        return
+    sums = [sum((block.sum(dim=0) for block in _row_blocks(*update)),
+                torch.zeros(update[0].size, dtype=torch.float64, device=update[0].mean.device)) for update in live]
+    # the row count rides in front of each sum (as a device tensor: ``float / tensor`` would round differently)
+    counted = [torch.cat([torch.full((1,), float(parts[0].shape[0]), dtype=torch.float64, device=total.device), total])
+               for (_, parts, _), total in zip(live, sums)]
+    reduce.sum_(counted)
+    counts, sums = [c[0] for c in counted], [c[1:] for c in counted]
+    means = [total / m for total, m in zip(sums, counts)]
+    squares = [sum(((block - mean).square().sum(dim=0) for block in _row_blocks(*update)),
+                   torch.zeros_like(mean)) for update, mean in zip(live, means)]
+    reduce.sum_(squares)
+    for (norm, _, _), m, mean, square in zip(live, counts, means, squares):
+        norm._merge(m, mean, square / m)
 
 
 def shape_key(shape: Shape) -> str:

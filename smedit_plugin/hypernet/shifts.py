@@ -51,18 +51,31 @@ def weight_grad_in_out(module: nn.Module) -> Tensor:
     return to_in_out(module, grad).float()
 
 
+def _weight_update(module: nn.Module, param_shift: Tensor, scale: float) -> Tensor:
+    """``scale * param_shift`` in the weight's orientation, dtype and device: exactly what is added to it."""
+    if tuple(param_shift.shape) != module_shape(module):
+        raise ValueError(f"param_shift has shape {tuple(param_shift.shape)} but the module is (d_in, d_out) = "
+                         f"{module_shape(module)}; was the shift predicted for another module?")
+    weight = module.weight
+    update = from_in_out(module, param_shift.detach().float() * scale)
+    return update.to(device=weight.device, dtype=weight.dtype)
+
+
 def add_param_shift_(module: nn.Module, param_shift: Tensor, scale: float = 1.0) -> None:
     """``W += scale * param_shift`` in place, in the weight's dtype and on its device.
 
     Writes through ``weight.data`` like the references, so autograd graphs built before the call keep
     their saved tensors (trainers revert shifts before back-propagating, spec §4.3 and §7 item 13).
     """
-    if tuple(param_shift.shape) != module_shape(module):
-        raise ValueError(f"param_shift has shape {tuple(param_shift.shape)} but the module is (d_in, d_out) = "
-                         f"{module_shape(module)}; was the shift predicted for another module?")
-    weight = module.weight
-    update = from_in_out(module, param_shift.detach().float() * scale)
-    weight.data.add_(update.to(device=weight.device, dtype=weight.dtype))
+    module.weight.data.add_(_weight_update(module, param_shift, scale))
+
+
+def shifted_weight(module: nn.Module, param_shift: Tensor, scale: float = 1.0) -> Tensor:
+    """``W + scale * param_shift`` as :func:`add_param_shift_` would compute it, in a new tensor.
+
+    Checked for NaN/inf (a bad shift, or a sum overflowing the weight's dtype) before any weight is written.
+    """
+    return module.weight.detach() + _weight_update(module, param_shift, scale)
 
 
 def _row_chunks(n_rows: int, chunk_size: int) -> Iterator[slice]:
@@ -92,20 +105,21 @@ def _value_diffs(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tens
 
 def predict_param_shift(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tensor, *, chunk_size: int,
                         solve_dtype: Optional[torch.dtype] = None, form: Form = "auto",
-                        reduce: RowReduce = SINGLE) -> tuple[Tensor, RidgeSolve, Tensor]:
+                        reduce: RowReduce = SINGLE, check: bool = True) -> tuple[Tensor, RidgeSolve, Tensor]:
     """MALMEN predict for one module: ``(param_shift [d_in, d_out], solver, value_diffs [N, d_out])``.
 
     Outputs are in the network's dtype (fp32 unless the network was cast); the solve runs in
     ``solve_dtype`` (default: the network's dtype). No graph is built; the returned solver holds the
     factored ridge matrix so the meta-gradient reuses it. With ``reduce``, ``keys`` are this rank's rows and
-    the shift is that of the rows of all ranks.
+    the shift is that of the rows of all ranks. ``check=False`` leaves the solver's checks to the caller
+    (:attr:`RidgeSolve.healthy`), so nothing waits for the device.
     """
     _check_rows(net, keys, value_grads)
     with torch.no_grad():
         value_diffs = torch.cat([_value_diffs(net, module_idx, keys[rows], value_grads[rows])
                                  for rows in _row_chunks(keys.shape[0], chunk_size)])
         solver = RidgeSolve(keys.to(net.device), net.lam(module_idx), dtype=solve_dtype or net.dtype, form=form,
-                            reduce=reduce)
+                            reduce=reduce, check=check)
         param_shift = solver.solve(value_diffs)
     return param_shift, solver, value_diffs
 

@@ -29,10 +29,16 @@ def _as_positive_float(lam: Union[float, Tensor]) -> float:
 
 
 class RidgeSolve:
-    """A factored ridge system for one module's keys, reusable for the shift and its backward."""
+    """A factored ridge system for one module's keys, reusable for the shift and its backward.
+
+    Building one never waits for the device when ``check=False``: whether the Cholesky factorisation
+    succeeded, the keys are finite and a tensor ``lam`` is positive and finite is kept in the device
+    flag :attr:`healthy`, which the caller reads once for all modules of a step (then calls
+    :meth:`verify` on a failure). ``check=True`` verifies at once.
+    """
 
     def __init__(self, keys: Tensor, lam: Union[float, Tensor], *, dtype: torch.dtype = torch.float32,
-                 form: Form = "auto", reduce: RowReduce = SINGLE) -> None:
+                 form: Form = "auto", reduce: RowReduce = SINGLE, check: bool = True) -> None:
         if keys.dim() != 2 or keys.shape[0] == 0 or keys.shape[1] == 0:
             raise ValueError(f"keys must be a non-empty [N, d_in] matrix, got shape {tuple(keys.shape)}")
         if form not in ("auto", "primal", "dual"):
@@ -43,27 +49,46 @@ class RidgeSolve:
             raise ValueError("the dual form needs every row in one process; use form='primal' (or 'auto') when the "
                              "rows are sharded over ranks")
         self.reduce = reduce
-        self.lam = _as_positive_float(lam)
+        #: the ridge coefficient: a float (checked here) or a 0-dim tensor (checked in :attr:`healthy`)
+        self.lam: Union[float, Tensor] = lam.detach() if isinstance(lam, Tensor) else _as_positive_float(lam)
         self.dtype = dtype
         self.keys = keys.detach().to(dtype)
-        if not torch.isfinite(self.keys).all():
-            raise ValueError("keys contain NaN or inf; the cached activations are corrupt (check the model dtype)")
         n_rows, d_in = self.keys.shape
         if reduce.active:
             self.form: Literal["primal", "dual"] = "primal"
         else:
             self.form = ("primal" if d_in <= n_rows else "dual") if form == "auto" else form
-        gram = reduce.sum(self.keys.T @ self.keys) if self.form == "primal" else self.keys @ self.keys.T
-        gram.diagonal().add_(self.lam)
-        factor, info = torch.linalg.cholesky_ex(gram)
+        factor, info = torch.linalg.cholesky_ex(self._gram())
         self._factor: Tensor = factor
         self._pivots: Optional[Tensor] = None
-        if int(info) != 0:
-            warnings.warn(f"ridge matrix ({self.form} form, lam={self.lam:g}, {self.dtype}) is not numerically "
-                          f"positive definite; falling back to an LU solve. Use dtype=torch.float64 or a "
-                          f"larger lamda to restore the Cholesky path", RuntimeWarning, stacklevel=2)
-            self._factor, self._pivots = torch.linalg.lu_factor(gram)
+        healthy = (info == 0) & torch.isfinite(self.keys).all()
+        if isinstance(self.lam, Tensor):
+            healthy = healthy & torch.isfinite(self.lam) & (self.lam > 0)
+        #: device flag: factored by Cholesky, keys finite, lam positive and finite
+        self.healthy: Tensor = healthy
         self._last_dual: Optional[tuple[Tensor, Tensor]] = None
+        if check:
+            self.verify()
+
+    def _gram(self) -> Tensor:
+        """``KᵀK + λI`` (primal, summed over ranks) or ``KKᵀ + λI`` (dual)."""
+        gram = self.reduce.sum(self.keys.T @ self.keys) if self.form == "primal" else self.keys @ self.keys.T
+        gram.diagonal().add_(self.lam)
+        return gram
+
+    def verify(self) -> None:
+        """Read :attr:`healthy` (one host synchronisation): raise for corrupt keys or a bad ``lam``; when only
+        the Cholesky factorisation failed, factor by LU instead (a warning says how to avoid it)."""
+        if bool(self.healthy):
+            return
+        if not bool(torch.isfinite(self.keys).all()):
+            raise ValueError("keys contain NaN or inf; the cached activations are corrupt (check the model dtype)")
+        _as_positive_float(self.lam)
+        warnings.warn(f"ridge matrix ({self.form} form, lam={float(self.lam):g}, {self.dtype}) is not numerically "
+                      f"positive definite; falling back to an LU solve. Use dtype=torch.float64 or a "
+                      f"larger lamda to restore the Cholesky path", RuntimeWarning, stacklevel=2)
+        self._factor, self._pivots = torch.linalg.lu_factor(self._gram())
+        self.healthy = torch.ones_like(self.healthy)
 
     @property
     def n_rows(self) -> int:

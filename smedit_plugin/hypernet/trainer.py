@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
+import operator
 import random
 import time
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
@@ -138,19 +140,20 @@ class MetaTrainer:
 
     def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[torch.Tensor]],
                          weights: list[float], prefix: Optional[FrozenPrefix],
-                         seen: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], float]:
+                         seen: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time.
 
-        ``seen`` receives the (detached) logits of every locality micro-batch, keyed by its identity.
+        The meta-loss comes back as a float64 tensor on the device, summed there (the caller reads it once
+        per unit). ``seen`` receives the (detached) logits of every locality micro-batch, keyed by its identity.
         """
         grads: dict[str, torch.Tensor] = {}
-        total = 0.0
+        losses: list[torch.Tensor] = []
         loc_coef = self.hp.locality_coef()
         for w, eq_mbs, un_mbs, ref in zip(weights, equiv, unrel, refs):
             for mb in eq_mbs:
                 with forward_context(prefix, mb):
                     loss = w * answer_cross_entropy(self.model, mb)
-                total += float(loss.detach())
+                losses.append(loss.detach())
                 self._grad_of(loss, grads)
             if loc_coef > 0:
                 for mb, ref_logits in zip(un_mbs, ref):
@@ -159,14 +162,17 @@ class MetaTrainer:
                     if seen is not None:
                         seen[id(mb)] = logits.detach().float()
                     loss = w * loc_coef * kl_locality(ref_logits, logits)
-                    total += float(loss.detach())
+                    losses.append(loss.detach())
                     self._grad_of(loss, grads)
+        total = device_sum(losses)  # every rank scores at least one micro-batch (check_shardable)
         if not self.reduce.active:
             return grads, total
         # every rank scored its share of the micro-batches: the meta-loss and its G are sums over ranks
-        summed = {n: self.reduce.sum(grads[n] if n in grads else torch.zeros(
-            module_shape(self.editor.edit_module(n)), device=self.weights[n].device)) for n in self.editor.module_names}
-        return summed, float(self.reduce.sum(torch.tensor(total, dtype=torch.float64)))
+        for n in self.editor.module_names:
+            if n not in grads:
+                grads[n] = torch.zeros(module_shape(self.editor.edit_module(n)), device=self.weights[n].device)
+        self.reduce.sum_([grads[n] for n in self.editor.module_names] + [total])
+        return grads, total
 
     def _add_shift_penalty(self, grads: dict[str, torch.Tensor], shifts: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
         """Gradient of ``reg_coef * ||param_shift||^2`` (Eq. 7; over ``||W||^2`` when relative) w.r.t. the shift, added to ``G``."""
@@ -224,7 +230,7 @@ class MetaTrainer:
         prefix = self.editor.frozen_prefix(self.model)
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
         refs = self._reference_logits(unrel, prefix) if self.hp.locality_coef() > 0 else []
-        loss = 0.0
+        loss = None
         with self._float32_edit_weights(), self._restoring(snap):
             for s in range(self.hp.bp_steps):
                 rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix,
@@ -233,10 +239,11 @@ class MetaTrainer:
                 grads = self._add_shift_penalty(grads, rec.shifts, 1.0)
                 self.opt.zero_grad(set_to_none=True)
                 self.editor.meta_backward(rec, grads)
+                del rec, grads  # so the next step's cached rows do not sit next to these
                 self._optimizer_step()
                 if not self.hp.cumulative_steps:
                     snap.restore()
-        return loss
+        return float(loss)
 
     def _train_trajectory(self, records: list[EditRecord]) -> float:
         """Sequential mode: ``num_seq`` batches whose edits accumulate; one Adam step at the end."""
@@ -248,7 +255,7 @@ class MetaTrainer:
         # Locality logits the last meta-loss pass computed; its weights are the next batch's pre-edit weights,
         # so they are that batch's reference logits for the earlier batches of its window (no second forward).
         at_current: dict[int, torch.Tensor] = {}
-        total = 0.0
+        losses: list[torch.Tensor] = []
         self.opt.zero_grad(set_to_none=True)
         with self._float32_edit_weights(), self._restoring(snap):
             for i, batch in enumerate(batches):
@@ -263,12 +270,12 @@ class MetaTrainer:
                 at_current = {}
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
                                                     prefix, at_current if self.reuse_reference_logits else None)
-                total += loss
+                losses.append(loss)
                 scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
                     self.editor.meta_backward(rec, self._add_shift_penalty(grads, rec.shifts, scale))
             self._optimizer_step()
-        return total
+        return float(device_sum(losses))
 
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -295,9 +302,10 @@ class MetaTrainer:
                     batch = unit[i:i + self.hp.n_edits]
                     snapshot = edit_batch(self.model, self.tok, self.editor, [r.prompt for r in batch],
                                           [r.target_new for r in batch], snapshot)
-                loss = sum(float(answer_cross_entropy(self.model, mb)) for mb in equiv) / len(equiv)
+                # summed on the device in float64, read once per unit
+                loss = float(device_sum([answer_cross_entropy(self.model, mb) for mb in equiv])) / len(equiv)
                 if loc_coef > 0 and unrel:
-                    kl = sum(float(kl_locality(ref, answer_logits(self.model, mb))) for mb, ref in zip(unrel, refs))
+                    kl = float(device_sum([kl_locality(ref, answer_logits(self.model, mb)) for mb, ref in zip(unrel, refs)]))
                     loss += loc_coef * kl / len(unrel)
             finally:
                 if snapshot is not None:
@@ -380,5 +388,12 @@ class MetaTrainer:
         return self.state
 
     def _mean_edit_lr(self) -> float:
-        values = [float(net.lr.weight.detach().mean()) for nets in self.editor.nets for net in nets.values()]
-        return sum(values) / max(len(values), 1) if values else math.nan
+        """Mean over networks of each network's mean edit step size (one read from the device)."""
+        values = [net.lr.weight.detach().mean().to(self.editor.device) for nets in self.editor.nets for net in nets.values()]
+        return float(torch.stack(values).mean()) if values else math.nan
+
+
+def device_sum(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``values[0] + values[1] + ...`` in float64 on the device, in order: the sum of their Python floats,
+    bit for bit, with no host read per value (the caller reads the total once)."""
+    return functools.reduce(operator.add, (value.detach().double() for value in values))
