@@ -29,8 +29,8 @@ from smedit_plugin.text import build_batch
 
 MODULES = ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
 WEIGHTS = [f"{m}.weight" for m in MODULES]
-SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2, lr=1e-3, micro_batch_size=2,
-             chunk_size=3)
+SMALL = dict(model_name="tiny-smollm2", edit_modules=MODULES, rank=4, n_blocks=2, lr=1e-3, meta_lr=1e-3,
+             micro_batch_size=2, chunk_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def tiny4(tiny):
 
 def make_archive(model: nn.Module, tok, hp: HypernetHyperParams, path: Path, records: list[EditRecord],
                  seed: int) -> HypernetHyperParams:
-    """Save an editor as training would leave it: statistics of real cached rows, weights moved off their init."""
+    """Save an editor as training would leave it: statistics of real cached rows, weights moved off their init (by no
+    more than one Adam step at ``meta_lr`` 1e-3 can move them, which the archive checks on load)."""
     editor = HypernetEditor(model, hp)
     pairs = [(n, model.get_submodule(n)) for n in MODULES]
     batch = build_batch(tok, [r.prompt for r in records], [r.target_new for r in records])
