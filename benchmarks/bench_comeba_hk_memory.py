@@ -63,14 +63,6 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"z_chunk_size": args.chunk, "step_seconds": seconds, "peak_rss_mb": peak_mb}))
 
 
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def rounds_worker(args: argparse.Namespace) -> dict:
     """``args.rounds`` consecutive rounds in this process: per-round peak RSS, RSS after, seconds."""
     import gc
@@ -79,6 +71,7 @@ def rounds_worker(args: argparse.Namespace) -> dict:
 
     from smedit_plugin.comeba_hk import apply_comeba_hk_to_model
     from smedit_plugin.hparams import load_method_hparams
+    from smedit_plugin.memory import reset_peak, status_mb
     from smedit_plugin.models import load_model_and_tokenizer
     from smedit_plugin.records import load_records
     from smedit_plugin.requests import to_requests
@@ -102,14 +95,13 @@ def rounds_worker(args: argparse.Namespace) -> dict:
         hp = load_method_hparams(args.method, args.model)
         model, tok = load_model_and_tokenizer(args.model)
     rows = []
-    clear_refs = Path("/proc/self/clear_refs")
     for index in range(args.rounds):
         gc.collect()
-        clear_refs.write_text("5")  # resets VmHWM to the current RSS
+        reset_peak()  # the round's own peak RSS
         start = time.perf_counter()
         apply_comeba_hk_to_model(model, tok, requests[index * args.batch_size:(index + 1) * args.batch_size], hp)
-        rows.append({"round": index + 1, "seconds": time.perf_counter() - start, "peak_rss_mb": _status_mb("VmHWM"),
-                     "rss_after_mb": _status_mb("VmRSS")})
+        rows.append({"round": index + 1, "seconds": time.perf_counter() - start, "peak_rss_mb": status_mb("VmHWM"),
+                     "rss_after_mb": status_mb("VmRSS")})
         print(json.dumps(rows[-1]), flush=True)
     return {"model": args.model, "method": args.method, "batch_size": args.batch_size, "rounds": rows}
 

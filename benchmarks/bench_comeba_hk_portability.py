@@ -45,6 +45,7 @@ from smedit_plugin.comeba_hk.scope import swap_mask  # noqa: E402
 from smedit_plugin.comeba_hk.state import find_state  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers  # noqa: E402
 from smedit_plugin.hparams import load_method_hparams  # noqa: E402
+from smedit_plugin.memory import reset_peak, status_mb  # noqa: E402
 from smedit_plugin.models import load_model_and_tokenizer  # noqa: E402
 from smedit_plugin.records import EditRecord, load_zsre  # noqa: E402
 from smedit_plugin.requests import to_requests  # noqa: E402
@@ -141,14 +142,6 @@ def portability_scores(model: nn.Module, tok: Any, records: list[EditRecord], an
     return [sum(v) / len(v) if v else None for v in per]
 
 
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _mean(values: list[Optional[float]]) -> Optional[float]:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -185,12 +178,12 @@ def main() -> None:
         hp = load_method_hparams("COMEBA-HK", args.model)
         requests = to_requests(records)
         for start in range(0, len(requests), args.batch_size):
-            Path("/proc/self/clear_refs").write_text("5")  # the round's own peak RSS (VmHWM reset)
+            reset_peak()  # the round's own peak RSS
             wall, cpu = time.perf_counter(), time.process_time()
             apply_comeba_hk_to_model(model, tok, requests[start:start + args.batch_size], hp)
             rounds.append({"round": len(rounds) + 1, "seconds": time.perf_counter() - wall,
-                           "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": _status_mb("VmHWM"),
-                           "rss_after_mb": _status_mb("VmRSS")})
+                           "cpu_seconds": time.process_time() - cpu, "peak_rss_mb": status_mb("VmHWM"),
+                           "rss_after_mb": status_mb("VmRSS")})
             print(json.dumps(rounds[-1]), flush=True)
         if args.save_state is not None:
             save_hook_state(model, args.save_state, overwrite=True)

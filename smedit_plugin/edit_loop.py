@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .evaluation import METRICS, evaluate_records
 from .families import FamilyRunner
+from .memory import reset_peak, status_mb
 from .protocols import Protocol
 from .records import EditRecord
 
@@ -31,6 +32,8 @@ class LoopProgress:
 
     chunks_done: int = 0
     edit_seconds: float = 0.0
+    chunk_seconds: list[float] = dataclasses.field(default_factory=list)  # each chunk's edit
+    chunk_peak_mb: list[Optional[float]] = dataclasses.field(default_factory=list)  # each chunk's own peak (Linux)
     curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     rounds: list[list[Any]] = dataclasses.field(default_factory=list)  # [facts scored, scores] per rolled-back chunk
 
@@ -46,6 +49,7 @@ class LoopResult:
     curve: list[dict[str, Any]]
     edit_seconds: float
     chunks: int
+    progress: LoopProgress
 
 
 def score(model: Any, tok: Any, records: Sequence[EditRecord], protocol: Protocol, dataset: str,
@@ -100,7 +104,11 @@ def run_protocol(runner: FamilyRunner, protocol: Protocol, records: Sequence[Edi
                   desc=f"editing {label}".strip(), disable=not progress) as bar:
             for done, start in enumerate(starts[state.chunks_done:], start=state.chunks_done + 1):
                 end = min(start + chunk, len(records))
-                state.edit_seconds += runner.edit(records[start:end])
+                fresh = reset_peak()
+                seconds = runner.edit(records[start:end])
+                state.edit_seconds += seconds
+                state.chunk_seconds.append(seconds)
+                state.chunk_peak_mb.append(status_mb("VmHWM") if fresh else None)
                 bar.update(end - start)
                 if not protocol.accumulate:
                     facts, ref = scored_part(start, end)
@@ -127,4 +135,4 @@ def run_protocol(runner: FamilyRunner, protocol: Protocol, records: Sequence[Edi
     finally:
         if not (ok and keep_edits):
             runner.roll_back()
-    return LoopResult(metrics, state.curve, state.edit_seconds, len(starts))
+    return LoopResult(metrics, state.curve, state.edit_seconds, len(starts), state)

@@ -119,7 +119,7 @@ def test_no_import_cycle_inside_the_package() -> None:
 #: packages; a method folder named in the table sits on the families' floor).
 FLOORS = {
     0: ("methods", "errors", "_version", "easyedit", "table"),
-    1: ("answers", "records", "requests", "text", "devices", "tfcompat", "fileio", "shipped"),
+    1: ("answers", "records", "requests", "text", "devices", "tfcompat", "fileio", "shipped", "memory"),
     2: ("evaluation", "general", "perplexity", "editing", "hparams_base", "models", "gguf_convert", "precision",
         "edit_modules", "request_checks", "distributed", "testing"),
     3: ("edit_loop", "families", "protocols"),

@@ -89,6 +89,7 @@ def test_batch_sweep_rows_split_and_archive_reuse(in_env, tmp_path) -> None:
         for row in (small, large):
             assert 0.0 <= row["efficacy"] <= 1.0 and row["unedited"]["efficacy"] is not None
             assert row["peak_rss_mb"] > 0 and row["edit_s_per_edit"] > 0 and row["score_sample"] == row["total"]
+            assert len(row["chunk_seconds"]) == len(row["chunk_peak_mb"]) == 1 and row["chunk_seconds"][0] > 0
     assert len((tmp_path / "sweep" / "rows.jsonl").read_text().splitlines()) == 4
     with pytest.raises(FileExistsError, match="--resume"):
         run_sweep(cfg)
@@ -146,5 +147,8 @@ def test_a_killed_consecutive_run_resumes_to_the_same_rows_and_hook_state(tiny_e
                              timeout=1800)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _edits(read_rows(killed)) == _edits(read_rows(tmp_path / "straight"))
+    (final,) = [r for r in read_rows(killed) if r.get("point") is None]
+    assert len(final["chunk_seconds"]) == 6, "the rounds edited before the kill keep their seconds"
+    assert [r["point"] for r in read_rows(killed) if r.get("point")] == [2, 4]
     one, two = _state(tmp_path / "straight"), _state(killed)
     assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)

@@ -9,7 +9,6 @@ methods that way, so EasyEdit's metric dicts can be checked against ours. Nothin
 from __future__ import annotations
 
 import dataclasses
-import resource
 import sys
 import time
 import traceback
@@ -22,6 +21,7 @@ from ..edit_loop import run_protocol, score
 from ..errors import MethodUnavailable
 from ..evaluation import predict_locality_reference
 from ..families import Bench, FamilyRunner, MethodChoice, Training
+from ..memory import peak_rss_mb
 from ..fileio import cache_dir
 from ..hparams import load_method_hparams
 from ..methods import EASYEDIT_FAMILY
@@ -87,12 +87,6 @@ class RunContext:
         total, chunk = cfg.sizes
         return Training(self.train, cfg.train_data, cfg.archive_root or (cache_dir() / "archives"), cfg.protocol,
                         retrain=cfg.retrain, shape=(chunk, cfg.chunks if cfg.declared.accumulate else 1), reduce=reduce)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _average(metrics: dict[str, Any]) -> float:

@@ -35,7 +35,7 @@ ROWS = "rows.jsonl"
 SPLIT = "split.json"
 #: Row fields that measure the machine rather than the edits (they differ between two runs of the same cell).
 MACHINE_FIELDS = ("train_s_per_edit", "edit_s_per_edit", "peak_rss_mb", "train_peak_rss_mb", "seconds",
-                  "trained_now")
+                  "trained_now", "chunk_seconds", "chunk_peak_mb")
 
 
 @dataclasses.dataclass(frozen=True)

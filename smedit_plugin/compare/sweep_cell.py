@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import resource
 import shutil
 import sys
 import time
@@ -21,18 +20,13 @@ from ..edit_loop import LoopProgress, run_protocol, score
 from ..evaluation import METRICS, predict_locality_reference
 from ..families import Bench, FamilyRunner, Training
 from ..fileio import write_json_atomic
+from ..memory import peak_rss_mb
 from ..records import EditRecord
 from .config import AVERAGED_METRICS, MethodEntry
 from .run import load_model, method_choice, runner_class
 from .sweep import Cell, Split, SweepConfig, append_row, data_key, records_by_id
 
 PROGRESS = "progress.json"
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size (each phase of a cell runs in its own process)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def load_config(data: dict[str, Any]) -> SweepConfig:
@@ -163,7 +157,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
                           keep_edits=True)
     seconds = time.perf_counter() - start
     if runner.resumable:
-        state.save(runner, LoopProgress(result.chunks, result.edit_seconds, result.curve), name="final")
+        state.save(runner, result.progress, name="final")
     prepared = job["prepared"]
     train_hp = getattr(runner, "train_hparams", None)
     return {**base, "point": None, **_metrics(result.metrics, locate), "unedited": _metrics(unedited, locate),
@@ -173,6 +167,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
             "archive": prepared.get("archive"), "train_s_per_edit": prepared.get("train_s_per_edit"),
             "train_peak_rss_mb": prepared.get("train_peak_rss_mb"), "trained_now": prepared.get("trained_now"),
             "edit_s_per_edit": result.edit_seconds / total, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+            "chunk_seconds": result.progress.chunk_seconds, "chunk_peak_mb": result.progress.chunk_peak_mb,
             "settings": {"edit": _settings(runner.hparams), "train": _settings(train_hp)}, **runner.report()}
 
 
