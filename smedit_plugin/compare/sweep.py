@@ -106,15 +106,15 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Record ids (``"eval:<i>"`` / ``"train:<i>"``, positions in the loaded files) of the edit pool and the
-    training pool; fixed by ``split_seed`` for the whole sweep and written to ``split.json``."""
+    """Record ids (``"<file stem>:<i>"``, the i-th usable record of that file) of the edit pool and the training
+    pool; fixed by ``split_seed`` for the whole sweep and written to ``split.json``."""
 
     edit_pool: list[str]
     train_pool: list[str]
     seed: int
 
     @classmethod
-    def make(cls, n_eval: int, n_train: int, needed: int, seed: int) -> "Split":
+    def make(cls, tags: tuple[str, str], n_eval: int, n_train: int, needed: int, seed: int) -> "Split":
         """The evaluation records first, then (only if needed) a seeded sample held out of the training records."""
         missing = max(0, needed - n_eval)
         if missing > n_train:
@@ -122,8 +122,9 @@ class Split:
                              f"training file {n_train} records: give more records or smaller edit counts")
         held = sorted(random.Random(seed).sample(range(n_train), missing))
         held_set = set(held)
-        return cls([f"eval:{i}" for i in range(n_eval)] + [f"train:{i}" for i in held],
-                   [f"train:{i}" for i in range(n_train) if i not in held_set], seed)
+        eval_tag, train_tag = tags
+        return cls([f"{eval_tag}:{i}" for i in range(n_eval)] + [f"{train_tag}:{i}" for i in held],
+                   [f"{train_tag}:{i}" for i in range(n_train) if i not in held_set], seed)
 
     def edit_ids(self, total: int, seed: int) -> list[str]:
         """The cell's edit targets: the first ``total`` of the edit pool permuted with ``seed`` (nested by size)."""
@@ -200,12 +201,20 @@ def append_row(out: Path, row: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def file_tags(cfg: SweepConfig) -> tuple[str, str]:
+    """The id prefixes of the evaluation and training files' records: their file names without ``.json``."""
+    eval_tag = Path(cfg.eval_data).stem
+    train_tag = Path(cfg.train_data).stem if cfg.train_data else "train"
+    return eval_tag, train_tag if train_tag != eval_tag else f"{train_tag}-train"
+
+
 def records_by_id(cfg: SweepConfig) -> tuple[dict[str, EditRecord], int, int]:
     """Every usable record of both files under its id, and how many each file holds."""
     evaluation = load_records(cfg.eval_data, cfg.dataset)
     train = load_records(cfg.train_data, cfg.dataset) if cfg.train_data else []
-    table = {f"eval:{i}": r for i, r in enumerate(evaluation)}
-    table.update({f"train:{i}": r for i, r in enumerate(train)})
+    eval_tag, train_tag = file_tags(cfg)
+    table = {f"{eval_tag}:{i}": r for i, r in enumerate(evaluation)}
+    table.update({f"{train_tag}:{i}": r for i, r in enumerate(train)})
     return table, len(evaluation), len(train)
 
 
@@ -238,7 +247,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     write_json_atomic(out / "sweep.json", cfg.to_dict())
     _, n_eval, n_train = records_by_id(cfg)
     cells = cfg.cells()
-    split = Split.make(n_eval, n_train, max(cfg.total(c) for c in cells), cfg.split_seed)
+    split = Split.make(file_tags(cfg), n_eval, n_train, max(cfg.total(c) for c in cells), cfg.split_seed)
     if not (out / SPLIT).is_file():
         write_json_atomic(out / SPLIT, dataclasses.asdict(split))
     elif json.loads((out / SPLIT).read_text(encoding="utf-8")) != dataclasses.asdict(split):
