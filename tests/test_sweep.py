@@ -152,3 +152,13 @@ def test_a_killed_consecutive_run_resumes_to_the_same_rows_and_hook_state(tiny_e
     assert [r["point"] for r in read_rows(killed) if r.get("point")] == [2, 4]
     one, two = _state(tmp_path / "straight"), _state(killed)
     assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_sequential_cells_train_on_as_many_records_as_they_edit(in_env, tmp_path) -> None:
+    """RLEdit's protocol: a training trajectory as long as the edited sequence (plus the validation share)."""
+    (row,) = run_sweep(_config(in_env, tmp_path / "seq", methods=("SMEdit",), protocol="sequential", n_edits=(2,),
+                               num_seq=(2,), train_batch=None))
+    val_fraction = row["settings"]["train"]["val_fraction"]
+    assert row["total"] == 4 and row["train_records"] == -(-4 // (1 - val_fraction)) == len(row["train_ids"])
+    assert (row["settings"]["train"]["n_edits"], row["settings"]["train"]["num_seq"]) == (2, 2)
+    assert len(row["chunk_seconds"]) == 2

@@ -36,9 +36,12 @@ def setup(parser: argparse.ArgumentParser) -> Runner:
     parser.add_argument("--score-sample", type=int, default=0,
                         help="score a seeded sample of this many edited facts (at least 1000 recommended); 0 = all")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the records held out of --train-data")
+    parser.add_argument("--edit-pool", type=int, default=None,
+                        help="size the split for this many edit targets (default: the largest cell), so sweeps of "
+                             "other cells into their own --out share one split and the same training records")
     parser.add_argument("--train-records", type=int, default=None,
-                        help="training records per cell (default: all that are left; as many as a cell edits when "
-                             "its edits accumulate over several batches, as in RLEdit)")
+                        help="training records per cell (default: all that are left; when its edits accumulate over "
+                             "several batches, as many as it edits plus the validation share, as in RLEdit)")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="facts per training batch (default: the cell's edit batch, as the papers train)")
     parser.add_argument("--state-every", type=int, default=0,
@@ -66,6 +69,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                       n_edits=args.n_edits, num_seq=args.num_seq, batch_size=args.batch_size, seeds=args.seeds,
                       checkpoints=args.checkpoints, curve_every=args.curve_every, score_sample=args.score_sample,
                       split_seed=args.split_seed, train_records=args.train_records, train_batch=args.train_batch,
+                      edit_pool=args.edit_pool,
                       state_every=args.state_every, retrain=args.retrain, resume=args.resume,
                       progress=not args.no_progress, easyedit_hparams=args.easyedit_hparams)
     rows = run_sweep(cfg)

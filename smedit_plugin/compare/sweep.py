@@ -59,6 +59,7 @@ class SweepConfig:
     split_seed: int = 0
     train_records: Optional[int] = None
     train_batch: Optional[int] = None
+    edit_pool: Optional[int] = None
     state_every: int = 0
     retrain: bool = False
     resume: bool = False
@@ -145,7 +146,7 @@ def check_sweep(cfg: SweepConfig) -> None:
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"--{field.replace('_', '-')} must be an integer >= {least}, got {value!r}")
-    for field in ("train_records", "train_batch"):
+    for field in ("train_records", "train_batch", "edit_pool"):
         value = getattr(cfg, field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{field.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -169,7 +170,7 @@ def check_out(cfg: SweepConfig) -> None:
                               "kept, the cell in progress continues from its last saved state)")
     saved = json.loads(settings.read_text(encoding="utf-8"))
     fixed = ("model", "dataset", "train_data", "eval_data", "protocol", "split_seed", "score_sample", "train_records",
-             "train_batch", "curve_every")
+             "train_batch", "curve_every", "edit_pool")
     differ = [f for f in fixed if saved.get(f) != cfg.to_dict()[f]]
     if differ:
         raise ValueError(f"--resume: {out} was swept with other {', '.join(differ)} "
@@ -247,12 +248,15 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     write_json_atomic(out / "sweep.json", cfg.to_dict())
     _, n_eval, n_train = records_by_id(cfg)
     cells = cfg.cells()
-    split = Split.make(file_tags(cfg), n_eval, n_train, max(cfg.total(c) for c in cells), cfg.split_seed)
+    largest = max(cfg.total(c) for c in cells)
+    if cfg.edit_pool is not None and cfg.edit_pool < largest:
+        raise ValueError(f"--edit-pool {cfg.edit_pool} is smaller than the largest cell ({largest} facts)")
+    split = Split.make(file_tags(cfg), n_eval, n_train, cfg.edit_pool or largest, cfg.split_seed)
     if not (out / SPLIT).is_file():
         write_json_atomic(out / SPLIT, dataclasses.asdict(split))
     elif json.loads((out / SPLIT).read_text(encoding="utf-8")) != dataclasses.asdict(split):
         raise ValueError(f"{out / SPLIT} was made for other cells (a larger edit count needs more held-out records); "
-                         "sweep the larger sizes into another --out")
+                         "sweep the larger sizes into another --out, or give every sweep the same --edit-pool")
     finished = {r["cell"] for r in read_rows(out) if r.get("point") is None}
     todo = [c for c in cells if c.key(cfg.protocol) not in finished]
     for cell in tqdm(todo, desc="sweep cells", unit="cell", disable=not cfg.progress):

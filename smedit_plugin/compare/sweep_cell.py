@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import sys
@@ -82,12 +83,15 @@ def _metrics(scores: dict[str, Any], locate: bool) -> dict[str, Any]:
 
 
 def _training(cfg: SweepConfig, split: Split, records: dict[str, EditRecord], total: int, chunk: int, chunks: int,
-              retrain: bool) -> tuple[Training, list[str]]:
-    """The cell's training records (all of the pool, or as many as it edits when its edits accumulate over several
-    chunks: RLEdit's protocol) and the shape it trains for (the protocol's chunk, or ``train_batch``)."""
+              retrain: bool, val_fraction: float) -> tuple[Training, list[str]]:
+    """The cell's training records and the shape it trains for (the protocol's chunk, or ``train_batch``).
+
+    All of the training pool, or, when its edits accumulate over several chunks, as many as it edits (RLEdit's
+    protocol: a training trajectory as long as the edited sequence) plus the validation share on top.
+    """
     declared = cfg.declared
     sequential = declared.accumulate and chunks > 1
-    n = cfg.train_records or (total if sequential else len(split.train_pool))
+    n = cfg.train_records or (math.ceil(total / (1.0 - val_fraction)) if sequential else len(split.train_pool))
     if n > len(split.train_pool):
         raise ValueError(f"the cell trains on {n} records, but only {len(split.train_pool)} training records are left "
                          "after the edit targets were held out; lower --train-records or the edit counts")
@@ -110,8 +114,10 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     model, tok = load_model(ccfg)
     runner = cls(Bench(model, tok, cfg.model, cfg.dataset, cfg.progress, cfg.easyedit_hparams),
                  method_choice(ccfg, entry))
-    training, train_ids = (_training(cfg, split, records, total, chunk, ccfg.chunks, job["phase"] == "prepare"
-                                     and cfg.retrain) if cls.trains else (None, []))
+    choice = runner.choice
+    training, train_ids = (_training(cfg, split, records, total, chunk, ccfg.chunks,
+                                     job["phase"] == "prepare" and cfg.retrain, choice.train_hparams.val_fraction)
+                           if cls.trains else (None, []))
     if job["phase"] == "prepare":
         prepared = runner.prepare(training)
         return {"train_s_per_edit": prepared.get("train_s_per_edit"), "archive": prepared.get("archive"),
