@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from .base import Runner
 from ..table import format_table
+from .base import Runner
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_KEY = "smollm2-135m"
 METRIC_KEYS = ("efficacy", "generalization", "specificity")
@@ -60,22 +61,24 @@ def demo_hparams(method: str) -> tuple[Any, str]:
     return load_hparams(path), path.relative_to(hparams_root()).with_suffix("").as_posix()
 
 
-@torch.no_grad()
 def greedy_answers(model: torch.nn.Module, tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[str]:
     """The model's greedy continuation of each prompt, at least as many tokens as the target, first line only."""
+    import torch
+
     from ..devices import model_input_device
     from ..text import answer_text
 
     device = model_input_device(model)
     out = []
-    for prompt, target in zip(prompts, targets):
-        ids = tok(prompt, return_tensors="pt").to(device)
-        n_target = len(tok(answer_text(target), add_special_tokens=False)["input_ids"])
-        # an instruct model often ends a bare question with EOS at once; ask for a target-length answer
-        gen = model.generate(**ids, min_new_tokens=n_target, max_new_tokens=n_target + 2, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        out.append(text.split("\n")[0].strip())
+    with torch.no_grad():
+        for prompt, target in zip(prompts, targets):
+            ids = tok(prompt, return_tensors="pt").to(device)
+            n_target = len(tok(answer_text(target), add_special_tokens=False)["input_ids"])
+            # an instruct model often ends a bare question with EOS at once; ask for a target-length answer
+            gen = model.generate(**ids, min_new_tokens=n_target, max_new_tokens=n_target + 2, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            out.append(text.split("\n")[0].strip())
     return out
 
 
