@@ -102,3 +102,16 @@ def test_bench_loads_the_yaml_model_in_its_dtype(loader_calls) -> None:
         main(["bench", "--model", "gpt-j-6b", "--methods", "SMEdit", "--n-edits", "2"])
     hp = load_hparams("SMEdit/gpt-j-6b")
     assert loader_calls[0]["name"] == hp.model_name and loader_calls[0]["dtype"] == hp.model_dtype == "bfloat16"
+
+
+def test_demo_loads_the_yaml_model_in_its_dtype(loader_calls, monkeypatch) -> None:
+    """The demo loads the model its recipe names, in the recipe's dtype, through the one loader."""
+    from smedit_plugin.cli import main
+    from smedit_plugin.commands import demo
+
+    shipped, name = demo.demo_hparams("COMEBA-HK")
+    monkeypatch.setattr(demo, "demo_hparams", lambda method: (shipped.replace(model_dtype="bfloat16"), name))
+    with pytest.raises(_Loaded):
+        main(["demo", "--no-progress"])
+    assert loader_calls == [{"name": shipped.model_name, "dtype": "bfloat16", "device": shipped.device,
+                             "model_parallel": shipped.model_parallel}]

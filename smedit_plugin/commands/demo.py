@@ -120,14 +120,14 @@ def run_demo(args: argparse.Namespace) -> int:
     check_output_targets(files={"--out": args.out})
     from ..evaluation import evaluate_records
     from ..gguf_convert import is_converted
-    from ..models import load_model_and_tokenizer
+    from ..models import load_model_for
 
     records = demo_records(args.n_edits)
     hp, hp_name = demo_hparams(args.method)
     timings: dict[str, float] = {}
     converted = is_converted(MODEL_KEY)
     start = time.perf_counter()
-    model, tok = load_model_and_tokenizer(MODEL_KEY)
+    model, tok = load_model_for(hp)  # the YAML's model_name, model_dtype, device, model_parallel
     timings["load model" + ("" if converted else " (first run: GGUF conversion)")] = time.perf_counter() - start
     runner, train_seconds = prepare_runner(model, tok, args.method, hp, args.retrain, not args.no_progress)
     if runner.trains:
