@@ -8,12 +8,15 @@ When EasyEdit cannot run a method here, :class:`EasyEditUnavailable` carries the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from types import ModuleType
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -134,6 +137,68 @@ def seed_covariance_from_text(hparams: Any, model: torch.nn.Module, tok: Any, te
     return list(files.values())
 
 
+def method_module(alg_name: str) -> ModuleType:
+    """The module of EasyEdit's apply function for ``alg_name`` (where the method keeps its state between calls)."""
+    algorithms = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
+    if alg_name not in algorithms:
+        raise EasyEditUnavailable(f"EasyEdit has no method {alg_name!r} registered; for the plugin's methods call "
+                                  "smedit_plugin.register() first")
+    return sys.modules[algorithms[alg_name].__module__]
+
+
+def null_space_file(hparams: Any, model: torch.nn.Module) -> Path:
+    """Where the runner keeps a null-space method's projections ``P`` (AlphaEdit's ``P_loc``), beside the statistics
+    they come from, named by everything they depend on."""
+    layers = "-".join(str(layer) for layer in hparams.layers)
+    module = hparams.rewrite_module_tmp.format("L")
+    name = (f"{hparams.alg_name}_P_{module}_{layers}_{hparams.mom2_dtype}_{hparams.mom2_n_samples}"
+            f"_t{hparams.nullspace_threshold:g}.pt")
+    return easyedit_stats_file(hparams, model, hparams.layers[0]).parent / name
+
+
+def write_null_space(hparams: Any, model: torch.nn.Module, tok: Any, path: Path) -> None:
+    """The method's own ``get_project`` for each layer, stacked as its ``P_loc`` file holds them (once per model).
+
+    EasyEdit computes ``P`` itself when ``P_loc`` is missing, but writes it to ``./null_space_project.pt`` in the
+    working folder and keeps recomputing it on every call unless ``P_loc`` names that file; a stale file there
+    from another model would be loaded without a check. So the runner computes it once into its cache.
+    """
+    from .fileio import atomic_path
+
+    if path.is_file():
+        return
+    project = method_module(hparams.alg_name).get_project
+    stacked = torch.stack([project(model, tok, layer, hparams).float().cpu() for layer in hparams.layers])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(stacked, tmp)
+
+
+#: Global values an EasyEdit method module may keep between calls (AlphaEdit's ``cache_c``, ``P``, ``P_loaded``,
+#: MEMIT's ``COV_CACHE``, the context templates); modules, functions and classes are left alone.
+_STATE_TYPES = (bool, int, float, str, bytes, type(None), torch.Tensor, np.ndarray, dict, list, tuple, set)
+
+
+def module_state_undo(module: ModuleType) -> Callable[[], None]:
+    """An undo step that puts ``module``'s global state back as it is now (values removed if added since).
+
+    EasyEdit's methods keep state across calls in module globals: AlphaEdit accumulates the keys of
+    every edit so far in ``cache_c`` (that is how its sequential editing protects earlier edits), so
+    it must carry over from chunk to chunk and start empty again when the edits are rolled back.
+    """
+    saved = {k: copy.deepcopy(v) for k, v in vars(module).items()
+             if not k.startswith("__") and isinstance(v, _STATE_TYPES)}
+
+    def undo() -> None:
+        for name in [k for k, v in vars(module).items()
+                     if not k.startswith("__") and isinstance(v, _STATE_TYPES) and k not in saved]:
+            delattr(module, name)
+        for name, value in saved.items():
+            setattr(module, name, copy.deepcopy(value))
+
+    return undo
+
+
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
@@ -186,10 +251,14 @@ class EasyEditRunner(FamilyRunner):
 
     Batchable methods go through ``batch_edit``; the others through ``edit``, one record at a time
     (EasyEdit does not batch them). Records carry their locality and portability questions, so EasyEdit's
-    own metric dicts (:meth:`report`) include both. Edits are applied with ``sequential_edit=True`` and
-    rolled back by this runner: every parameter and buffer, and the module tree with its hooks, so methods
-    that add or wrap modules (GRACE, LoRA, COMEBA-HK's hook layers) are undone too. The seconds of an edit
-    are those of the method's apply function only, not of EasyEdit's own evaluation around it.
+    own metric dicts (:meth:`report`) include both. Edits are applied with ``sequential_edit=True``, so they
+    accumulate chunk after chunk as in EasyEdit's own sequential editing (one editor per run; the method's
+    state between calls, such as AlphaEdit's ``cache_c``, carries over), and are rolled back by this runner:
+    the model object for object (:meth:`WeightsSnapshot.capture_model`: parameters, buffers, the module tree
+    with its hooks, what training set on the side), so methods that add or wrap modules (GRACE, LoRA,
+    COMEBA-HK's hook layers) are undone too, and the global state of EasyEdit's method module, so the next
+    run starts as in a fresh process. The seconds of an edit are those of the method's apply function only,
+    not of EasyEdit's own evaluation around it.
     """
 
     def __init__(self, bench: Bench, choice: MethodChoice) -> None:
@@ -213,21 +282,26 @@ class EasyEditRunner(FamilyRunner):
             if all(hasattr(hp, f) for f in ("mom2_dataset", "mom2_n_samples", "stats_dir", "layers")):
                 hp = dataclasses.replace(hp, stats_dir=str(cache_dir() / "easyedit_stats"))
                 seed_covariance_from_text(hp, bench.model, bench.tok, WIKITEXT2_TEST)
+                if hasattr(hp, "P_loc"):
+                    hp = dataclasses.replace(hp, P_loc=str(null_space_file(hp, bench.model)))
+                    write_null_space(hp, bench.model, bench.tok, Path(hp.P_loc))
             self.hparams = hp
         self._batchable = module.editors.batch_editor.BatchEditor.is_batchable_method(self.hparams.alg_name)
         return {}
 
     def capture(self, snapshot: WeightsSnapshot) -> None:
         snapshot.capture_model()
+        module = method_module(self.hparams.alg_name)
+        if module.__name__.startswith("easyeditor."):
+            snapshot.on_restore(module_state_undo(module))
 
     def _editor(self, chunk_size: int) -> Any:
         """``BaseEditor`` for the bench's model, its ``apply_algo`` timed."""
         from .easyedit_editor import load_editor
 
-        if self.hparams.alg_name not in importlib.import_module("easyeditor.util.alg_dict").ALG_DICT:
-            raise EasyEditUnavailable(f"EasyEdit has no method {self.hparams.alg_name!r} registered; for the plugin's "
-                                      "methods call smedit_plugin.register() first")
-        hparams = dataclasses.replace(self.hparams, batch_size=chunk_size if self._batchable else 1)
+        hparams = self.hparams
+        if any(f.name == "batch_size" for f in dataclasses.fields(hparams)):  # ROME's class has none
+            hparams = dataclasses.replace(hparams, batch_size=chunk_size if self._batchable else 1)
         editor = load_editor(hparams, self.bench.model, self.bench.tok)
         apply = editor.apply_algo
 

@@ -22,11 +22,6 @@ from torch import nn
 from .easyedit import detect_era
 
 
-#: A module's forward-hook tables (torch keeps a hook's flags in the side tables under the same key).
-_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-                "_forward_pre_hooks_with_kwargs")
-
-
 class WeightsSnapshot:
     """Pre-edit clones of the parameters an edit touches, keyed by their ``named_parameters`` name.
 
@@ -95,37 +90,46 @@ class WeightsSnapshot:
         return self.capture(self._name_of_param[id(weight)])
 
     def capture_model(self) -> None:
-        """Capture every parameter and buffer, and the module tree (children, parameter slots, forward hooks).
+        """Capture every parameter and buffer, and the model object for object: the module tree (children,
+        parameter slots, forward hooks), each module's other attributes, each parameter's ``requires_grad``
+        and the model's config.
 
         For edits whose reach is unknown (EasyEdit's own methods): :meth:`restore` then also removes
-        modules and hooks added since (GRACE adaptors, LoRA layers, hook layers) and puts back modules
-        that were replaced, so the model is the one captured, object for object.
+        modules and hooks added since (GRACE adaptors, LoRA layers, hook layers), puts back modules that
+        were replaced, and undoes what training set up on the side (PEFT's ``peft_config``, gradient
+        checkpointing, frozen parameters, ``config.use_cache = False``).
         """
         for name, _ in self.model.named_parameters():
             self.capture(name)
-        tree = [(module, dict(module._modules), dict(module._parameters),
-                 {attr: dict(getattr(module, attr)) for attr in _HOOK_TABLES},
-                 {name: None if buf is None else buf.detach().clone() for name, buf in module._buffers.items()})
+        tree = [(module, {name: None if buf is None else buf.detach().clone() for name, buf in module._buffers.items()},
+                 dict(vars(module)), {k: dict(v) for k, v in vars(module).items() if isinstance(v, dict)})
                 for module in self.model.modules()]
+        trainable = [(param, param.requires_grad) for param in self.model.parameters()]
+        config = getattr(self.model, "config", None)
+        settings = None if config is None else dict(vars(config))
 
         @torch.no_grad()
         def undo() -> None:
-            for module, children, params, hooks, buffers in tree:
-                module._modules.clear()
-                module._modules.update(children)
-                module._parameters.clear()
-                module._parameters.update(params)
-                for attr, table in hooks.items():
-                    getattr(module, attr).clear()
-                    getattr(module, attr).update(table)
-                for name in set(module._buffers) - set(buffers):
-                    del module._buffers[name]
+            for module, buffers, attributes, tables in tree:
+                for name in [k for k in vars(module) if k not in attributes]:
+                    del module.__dict__[name]
+                module.__dict__.update(attributes)
+                # dict attributes (children, parameter slots, buffers, hook tables) are refilled in place: hook
+                # handles hold weak references to their table
+                for name, table in tables.items():
+                    attributes[name].clear()
+                    attributes[name].update(table)
                 for name, saved in buffers.items():
-                    current = module._buffers.get(name)
-                    if saved is not None and current is not None and current.shape == saved.shape:
-                        current.copy_(saved)
+                    original = module._buffers[name]  # the captured tensor, back in its slot
+                    if saved is not None and original is not None and original.shape == saved.shape:
+                        original.copy_(saved)
                     else:
                         module._buffers[name] = None if saved is None else saved.clone()
+            for param, flag in trainable:
+                param.requires_grad_(flag)
+            if settings is not None:
+                vars(config).clear()
+                vars(config).update(settings)
 
         self.on_restore(undo)
 
