@@ -28,8 +28,21 @@ class _DeprecationRecords(logging.Handler):
             self.messages.append(message)
 
 
+#: Deprecated transformers calls inside EasyEdit's own source, not ours (its ``generate_fast`` and metrics pass
+#: ``past_key_values``, its LoRA (through PEFT) enables gradient checkpointing): tolerated in the ``easyedit_head`` tests,
+#: which run EasyEdit's methods; everywhere else they still fail.
+EASYEDIT_DEPRECATIONS = ("`past_key_values`", "`gradient_checkpointing_enable`", "`is_gradient_checkpointing`")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("easyedit_head"):
+            for api in EASYEDIT_DEPRECATIONS:
+                item.add_marker(pytest.mark.filterwarnings(f"ignore:{api} is deprecated:FutureWarning"))
+
+
 @pytest.fixture(autouse=True)
-def no_transformers_deprecations() -> Iterator[None]:
+def no_transformers_deprecations(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test during which transformers logged a deprecation: the next release would break that call.
 
     FutureWarnings are errors already (setup.cfg); transformers reports some deprecations through
@@ -42,7 +55,9 @@ def no_transformers_deprecations() -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
-    assert not handler.messages, f"transformers logged deprecations: {handler.messages}"
+    tolerated = EASYEDIT_DEPRECATIONS if request.node.get_closest_marker("easyedit_head") else ()
+    messages = [m for m in handler.messages if not any(api in m for api in tolerated)]
+    assert not messages, f"transformers logged deprecations: {messages}"
 
 
 def _data_file(relative: str) -> Path:

@@ -8,6 +8,8 @@ through ``BaseEditor`` gives exactly the numbers of our direct run.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import importlib
 import importlib.util
 from pathlib import Path
@@ -59,8 +61,11 @@ def test_split_method_and_hparams_lookup(tmp_path) -> None:
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("hparams/EASYEDIT/*/*.yaml")))
 def test_bundled_easyedit_yamls_name_their_method(path: Path) -> None:
+    """The folder is the ``easyedit:`` name: EasyEdit's method, or a variant of it (FT-M, FT-L are EasyEdit's FT)."""
     data = yaml.safe_load(path.read_text())
-    assert data["alg_name"] == path.parent.name and data["model_name"] == path.stem
+    method = path.parent.name
+    assert data["alg_name"] == method or method.startswith(data["alg_name"] + "-")
+    assert data["model_name"] == path.stem
 
 
 def test_compare_rejects_bad_easyedit_folder(tmp_path, zsre_eval_path) -> None:
@@ -96,12 +101,13 @@ def head():
     return importlib.import_module("easyeditor")
 
 
+@pytest.mark.easyedit_head
 def test_builtins_run_on_the_same_records_and_roll_back(head, tiny, zsre_eval_path, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path))
     model, tok = tiny("smollm2")
     before = _params(model)
     cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
-                        methods=["easyedit:FT", "easyedit:MEMIT", "easyedit:ROME"], n_edits=4, progress=False)
+                        methods=["easyedit:FT", "easyedit:MEMIT", "easyedit:WISE"], n_edits=4, progress=False)
     rows = run_compare(cfg, model=model, tok=tok)
     by_name = {r["method"]: r for r in rows}
     for name in ("easyedit:FT", "easyedit:MEMIT"):
@@ -110,7 +116,7 @@ def test_builtins_run_on_the_same_records_and_roll_back(head, tiny, zsre_eval_pa
         assert all(0.0 <= row[k] <= 1.0 for k in METRIC_NAMES)
         assert set(row["easyedit"]) == set(METRIC_NAMES) and 0.0 <= row["easyedit"]["portability"] <= 1.0
         assert row["easyedit_mode"] == "batch_edit, chunks of 4" and row["edit_s_per_edit"] > 0
-    assert "ROME/smollm2-135m.yaml" in by_name["easyedit:ROME"]["error"]
+    assert "WISE/smollm2-135m.yaml" in by_name["easyedit:WISE"]["error"]
     assert _unchanged(model, before)
     hp = head.MEMITHyperParams.from_hparams(str(builtin_hparams_dir() / "MEMIT" / "smollm2-135m.yaml"))
     for layer in hp.layers:
@@ -118,6 +124,7 @@ def test_builtins_run_on_the_same_records_and_roll_back(head, tiny, zsre_eval_pa
         assert easyedit_stats_file(hp_here, model, layer).is_file()
 
 
+@pytest.mark.easyedit_head
 def test_seeded_covariance_is_what_easyedit_reads(head, tiny, tmp_path) -> None:
     """EasyEdit's own get_cov returns E[k kᵀ] of the local text, computed independently here."""
     from smedit_plugin.easyedit_runs import seed_covariance_from_text
@@ -144,6 +151,7 @@ def test_seeded_covariance_is_what_easyedit_reads(head, tiny, tmp_path) -> None:
         torch.testing.assert_close(cov, (k.T @ k / len(k)).float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.easyedit_head
 def test_comeba_hk_through_baseeditor_matches_the_direct_run(head, tiny, zsre_eval_path, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path))
     model, tok = tiny("smollm2")
@@ -207,6 +215,7 @@ def test_wheel_batch_edit_receives_portability_inputs_and_its_dict_is_read_back(
     assert requests == expected
 
 
+@pytest.mark.easyedit_head
 def test_portability_inputs_reach_the_current_baseeditor(head, tiny, zsre_eval_path, tmp_path, monkeypatch) -> None:
     """Era C: EasyEdit's own FT through ``batch_edit`` in chunks; its requests carry our questions, its dict is read."""
     monkeypatch.chdir(tmp_path)
@@ -227,3 +236,181 @@ def test_portability_inputs_reach_the_current_baseeditor(head, tiny, zsre_eval_p
     per_record = [float(torch.tensor(m["post"]["portability"]["one_hop_acc"], dtype=torch.float).mean())
                   for m in run.metrics]
     assert run.report()["easyedit"]["portability"] == pytest.approx(sum(per_record) / 4)
+
+
+# -- EasyEdit's baselines in the consecutive protocol (issue 29 point 3) ------------------------------------------
+
+_SHIPPED = sorted(builtin_hparams_dir().glob("*/smollm2-135m.yaml"))
+
+
+def _model_state(model) -> dict:
+    """The model object for object: modules (identity, type, attributes), parameters (values, requires_grad), config."""
+    return {"modules": {name: (id(m), type(m), {k: v for k, v in vars(m).items() if not isinstance(v, dict)},
+                               {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict) and k != "_buffers"})
+                        for name, m in model.named_modules()},
+            "params": {n: (id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()},
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "config": dict(vars(model.config))}
+
+
+def _assert_same_model(state: dict, model) -> None:
+    now = _model_state(model)
+    assert now["modules"] == state["modules"]
+    assert {n: v[:2] for n, v in now["params"].items()} == {n: v[:2] for n, v in state["params"].items()}
+    assert all(torch.equal(now["params"][n][2], state["params"][n][2]) for n in state["params"])
+    assert all(torch.equal(now["buffers"][n], state["buffers"][n]) for n in state["buffers"])
+    assert now["config"] == state["config"]
+
+
+def _quick_yaml_folder(root: Path, method: str, **changes) -> Path:
+    """The shipped YAML of ``method`` with fewer optimisation steps, in a folder laid out like EasyEdit's hparams/."""
+    data = yaml.safe_load((builtin_hparams_dir() / method / "smollm2-135m.yaml").read_text())
+    (root / method).mkdir(parents=True, exist_ok=True)
+    (root / method / "smollm2-135m.yaml").write_text(yaml.safe_dump({**data, **changes}))
+    return root
+
+
+@pytest.mark.easyedit_head
+@pytest.mark.parametrize("path", _SHIPPED, ids=lambda p: p.parent.name)
+def test_shipped_yamls_load_with_easyedits_own_classes(head, path: Path) -> None:
+    """Each YAML is EasyEdit's: its class loads it, its method is registered; edit layers are COMEBA-HK's (2-6)."""
+    hp = load_builtin_hparams(path.parent.name, "smollm2-135m", builtin_hparams_dir())
+    assert type(hp).__module__.startswith("easyeditor.")
+    assert hp.alg_name in importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
+    comeba = yaml.safe_load((builtin_hparams_dir().parent / "COMEBA-HK" / "smollm2-135m.yaml").read_text())
+    if path.parent.name in ("MEMIT", "AlphaEdit", "FT-M", "FT-L", "LoRA"):
+        assert list(hp.layers) == comeba["layers"]
+    if hasattr(hp, "inner_params"):
+        assert hp.inner_params == ["model.layers[6].mlp.down_proj.weight"]
+    if hasattr(hp, "rewrite_module_tmp"):
+        assert "mlp.down_proj" in hp.rewrite_module_tmp
+
+
+@pytest.mark.easyedit_head
+def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, tiny, zsre_eval_path, tmp_path,
+                                                                         monkeypatch) -> None:
+    """Two chunks through the runner = one sequential ``batch_edit`` over both in EasyEdit's own editor, bit for bit:
+    the second chunk sees the first one's edits and its keys in ``cache_c``; roll back restores model and state."""
+    from smedit_plugin.easyedit_editor import load_editor
+    from smedit_plugin.easyedit_runs import method_module
+
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    folder = _quick_yaml_folder(tmp_path / "hparams", "AlphaEdit", v_num_grad_steps=3)
+    model, tok = tiny("smollm2")
+    state = _model_state(model)
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
+                         MethodChoice("easyedit:AlphaEdit", "AlphaEdit"))
+    run.prepare()
+    assert Path(run.hparams.P_loc).is_file() and Path(run.hparams.P_loc).is_relative_to(tmp_path / "cache")
+    alpha = method_module("AlphaEdit")
+    torch.manual_seed(0)
+    run.edit(records[:2])
+    after_one = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cache_one = alpha.cache_c.clone()
+    run.edit(records[2:])
+    assert run.mode == "batch_edit, chunks of 2"
+    assert cache_one.abs().sum() > 0 and not torch.equal(alpha.cache_c, cache_one), "cache_c carries both chunks' keys"
+    ours = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(ours[n], after_one[n]) for n in ours)
+    run.roll_back()
+    _assert_same_model(state, model)
+    assert not alpha.cache_c_new and not hasattr(alpha, "cache_c") and not alpha.P_loaded, "EasyEdit's state is reset"
+    assert not (tmp_path / "null_space_project.pt").exists(), "P comes from the runner's cache, not the working folder"
+
+    twin, twin_tok = tiny("smollm2")
+    editor = load_editor(dataclasses.replace(run.hparams, batch_size=2), twin, twin_tok)
+    torch.manual_seed(0)
+    editor.batch_edit(**editor_kwargs(records, batch=True, era="C"), sequential_edit=True, verbose=False)
+    theirs = dict(twin.named_parameters())
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+@pytest.mark.easyedit_head
+def test_grace_gets_one_record_per_call_keeps_its_codebook_across_chunks_and_is_removed(head, tiny, zsre_eval_path,
+                                                                                       tmp_path, monkeypatch) -> None:
+    """GRACE through the runner: one record per apply call (EasyEdit's non-batchable path); chunk 2 adds to the codebook
+    chunk 1 made, which keeps chunk 1's keys and values, and ends with the codebook of EasyEdit's own sequential
+    ``edit`` over both chunks; roll back removes the adaptor and puts back the frozen parameters."""
+    from smedit_plugin.easyedit_editor import load_editor
+
+    alg_dict = importlib.import_module("easyeditor.util.alg_dict")
+    apply = alg_dict.ALG_DICT["GRACE"]
+    calls: list[int] = []
+
+    @functools.wraps(apply)
+    def counting(model, tok, requests, hparams, **kwargs):
+        calls.append(len(requests))
+        return apply(model, tok, requests, hparams, **kwargs)
+
+    monkeypatch.setitem(alg_dict.ALG_DICT, "GRACE", counting)
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    folder = _quick_yaml_folder(tmp_path / "hparams", "GRACE", n_iter=5)
+    model, tok = tiny("smollm2")
+    state = _model_state(model)
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
+                         MethodChoice("easyedit:GRACE", "GRACE"))
+    run.prepare()
+    run.edit(records[:2])
+    adaptor = model.model.layers[6].mlp.down_proj
+    keys_one, values_one = adaptor.keys.clone(), adaptor.values.detach().clone()
+    run.edit(records[2:])
+    assert calls == [1, 1, 1, 1] and run.mode.startswith("edit, one record at a time")
+    assert model.model.layers[6].mlp.down_proj is adaptor, "the second chunk edits the same codebook"
+    assert len(adaptor.keys) == len(adaptor.values) == len(adaptor.epsilons) == 4
+    assert torch.equal(adaptor.keys[:2], keys_one) and torch.equal(adaptor.values[:2], values_one)
+    ours = (adaptor.keys.clone(), adaptor.epsilons.clone(), copy.deepcopy(adaptor.edit_ids))
+    run.roll_back()
+    _assert_same_model(state, model)
+
+    twin, twin_tok = tiny("smollm2")
+    editor = load_editor(run.hparams, twin, twin_tok)
+    editor.edit(**editor_kwargs(records, batch=False, era="C"), sequential_edit=True, verbose=False)
+    theirs = twin.model.layers[6].mlp.down_proj
+    # values start from torch.rand, which GRACE also draws in every forward once it has keys; keys and radii do not
+    assert torch.equal(ours[0], theirs.keys) and torch.equal(ours[1], theirs.epsilons) and ours[2] == theirs.edit_ids
+
+
+@pytest.mark.easyedit_head
+def test_lora_adapters_accumulate_and_their_training_setup_is_undone(head, tiny, zsre_eval_path, tmp_path,
+                                                                     monkeypatch) -> None:
+    """LoRA through the runner: chunk 2 trains the adapters chunk 1 made; roll back removes them and PEFT's side
+    effects (``peft_config``, gradient checkpointing, frozen weights, ``config.use_cache``)."""
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    folder = _quick_yaml_folder(tmp_path / "hparams", "LoRA", num_steps=2)
+    model, tok = tiny("smollm2")
+    state = _model_state(model)
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
+                         MethodChoice("easyedit:LoRA", "LoRA"))
+    run.prepare()
+    run.edit(records[:2])
+    lora = model.model.layers[2].self_attn.q_proj
+    lora_b = lora.lora_B["default"].weight.detach().clone()
+    assert hasattr(model, "peft_config") and model.config.use_cache is False
+    run.edit(records[2:])
+    assert model.model.layers[2].self_attn.q_proj is lora and not torch.equal(lora.lora_B["default"].weight, lora_b)
+    assert not hasattr(model.model.layers[1].self_attn.q_proj, "lora_A"), "adapters only on layers 2-6"
+    run.roll_back()
+    _assert_same_model(state, model)
+    assert not hasattr(model, "peft_config") and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.easyedit_head
+def test_a_method_easyedit_cannot_run_on_the_model_gives_a_row_that_says_why(head, tiny, zsre_eval_path, tmp_path,
+                                                                             monkeypatch) -> None:
+    """EasyEdit's AlphaEdit sizes its key cache only for models it recognises by name (Llama, Qwen, GPT-2 XL): on
+    Gemma-3 its row carries EasyEdit's error, the run goes on and the model is as it was."""
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    model, tok = tiny("gemma-3", n_layers=30)  # the YAML's v_loss_layer is 29
+    state = _model_state(model)
+    cfg = CompareConfig(model="smollm2-135m", dataset="zsre", train_data=None, eval_data=Path(zsre_eval_path),
+                        methods=["easyedit:AlphaEdit"], protocol="consecutive", n_edits=2, batch_size=1,
+                        progress=False)
+    row = run_compare(cfg, model=model, tok=tok)[1]
+    assert "EasyEdit's AlphaEdit failed on this model" in row["error"] and "cache_c" in row["error"]
+    assert row["efficacy"] is None
+    _assert_same_model(state, model)

@@ -172,6 +172,31 @@ def test_capture_model_undoes_added_and_replaced_modules_hooks_and_parameters(ti
     assert torch.equal(model(input_ids=ids).logits, expected)
 
 
+def test_capture_model_undoes_module_attributes_requires_grad_and_config(tiny) -> None:
+    """What training sets up on the side (PEFT, gradient checkpointing, frozen weights, use_cache) is undone too."""
+    from smedit_plugin.editing import WeightsSnapshot
+
+    model, _ = tiny("smollm2", n_layers=2)
+    layer = model.model.layers[0]
+    hooks = layer._forward_hooks
+    snapshot = WeightsSnapshot(model)
+    snapshot.capture_model()
+    model.config.use_cache = False
+    model.config.added_by_training = 1
+    model.peft_config = {"default": object()}
+    layer.gradient_checkpointing = True
+    handle = layer.register_forward_hook(lambda module, args, output: output)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.train()
+    snapshot.restore()
+    assert model.config.use_cache is True and not hasattr(model.config, "added_by_training")
+    assert not hasattr(model, "peft_config") and layer.gradient_checkpointing is False
+    assert all(p.requires_grad for p in model.parameters()) and not model.training and not layer.training
+    assert layer._forward_hooks is hooks and not hooks
+    handle.remove()  # its weak reference to the table still works
+
+
 def test_bench_refuses_another_family_before_loading_a_model(capsys, monkeypatch) -> None:
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a refused method")
