@@ -8,6 +8,7 @@ When EasyEdit cannot run a method here, :class:`EasyEditUnavailable` carries the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -174,6 +175,23 @@ def write_null_space(hparams: Any, model: torch.nn.Module, tok: Any, path: Path)
         torch.save(stacked, tmp)
 
 
+#: EasyEdit's locate-then-edit methods, which find the subject's token by position in right-padded batches; its
+#: other methods (FT, LoRA, ...) mask the prompt assuming left padding. ``BaseEditor.__init__`` sets the tokenizer's
+#: side so only for models it loads by name; for a model in memory the runner sets it around each call.
+RIGHT_PADDED_METHODS = frozenset({"ROME", "R-ROME", "MEMIT", "EMMET", "EAMET", "AlphaEdit", "CORE", "SPHERE"})
+
+
+@contextlib.contextmanager
+def easyedit_padding(tok: Any, alg_name: str) -> Iterator[None]:
+    """The tokenizer padded on the side EasyEdit's editor gives ``alg_name``, and as it was afterwards."""
+    before = tok.padding_side
+    tok.padding_side = "right" if alg_name in RIGHT_PADDED_METHODS else "left"
+    try:
+        yield
+    finally:
+        tok.padding_side = before
+
+
 #: Global values an EasyEdit method module may keep between calls (AlphaEdit's ``cache_c``, ``P``, ``P_loaded``,
 #: MEMIT's ``COV_CACHE``, the context templates); modules, functions and classes are left alone.
 _STATE_TYPES = (bool, int, float, str, bytes, type(None), torch.Tensor, np.ndarray, dict, list, tuple, set)
@@ -327,8 +345,10 @@ class EasyEditRunner(FamilyRunner):
             self.editor = self._editor(len(records))
         before = self._seconds
         call = self.editor.batch_edit if self._batchable else self.editor.edit
-        chunk_metrics, _, _ = call(**editor_kwargs(list(records), batch=self._batchable, era=detect_era()),
-                                   sequential_edit=True, verbose=False)
+        own = method_module(self.hparams.alg_name).__name__.startswith("easyeditor.")
+        with easyedit_padding(self.bench.tok, self.hparams.alg_name) if own else contextlib.nullcontext():
+            chunk_metrics, _, _ = call(**editor_kwargs(list(records), batch=self._batchable, era=detect_era()),
+                                       sequential_edit=True, verbose=False)
         self.metrics.extend(chunk_metrics)
         return self._seconds - before
 

@@ -414,3 +414,37 @@ def test_a_method_easyedit_cannot_run_on_the_model_gives_a_row_that_says_why(hea
     assert "EasyEdit's AlphaEdit failed on this model" in row["error"] and "cache_c" in row["error"]
     assert row["efficacy"] is None
     _assert_same_model(state, model)
+
+
+@pytest.mark.easyedit_head
+@pytest.mark.parametrize("method, side", [("FT-M", "left"), ("MEMIT", "right")])
+def test_easyedit_methods_see_the_padding_side_easyedits_editor_gives_them(head, tiny, zsre_eval_path, tmp_path,
+                                                                           monkeypatch, method, side) -> None:
+    """FT and LoRA mask the prompt assuming left padding, MEMIT finds the subject in right-padded batches; EasyEdit sets
+    the side only for models it loads by name, so the runner sets it for each call, and puts the tokenizer back."""
+    alg_dict = importlib.import_module("easyeditor.util.alg_dict")
+    alg = yaml.safe_load((builtin_hparams_dir() / method / "smollm2-135m.yaml").read_text())["alg_name"]
+    apply = alg_dict.ALG_DICT[alg]
+    seen: list[str] = []
+
+    @functools.wraps(apply)
+    def spying(model, tok, requests, hparams, **kwargs):
+        seen.append(tok.padding_side)
+        return apply(model, tok, requests, hparams, **kwargs)
+
+    monkeypatch.setitem(alg_dict.ALG_DICT, alg, spying)
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    steps = {"num_steps": 1} if alg == "FT" else {"v_num_grad_steps": 1}
+    folder = _quick_yaml_folder(tmp_path / "hparams", method, **steps)
+    model, tok = tiny("smollm2")
+    tok.padding_side = "right" if side == "left" else "left"
+    before = tok.padding_side
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
+                         MethodChoice(f"easyedit:{method}", method))
+    run.prepare()
+    try:
+        run.edit(load_records(Path(zsre_eval_path), "zsre")[:2])
+    finally:
+        run.roll_back()
+    assert seen == [side] and tok.padding_side == before
