@@ -292,7 +292,7 @@ def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, t
     """Two chunks through the runner = one sequential ``batch_edit`` over both in EasyEdit's own editor, bit for bit:
     the second chunk sees the first one's edits and its keys in ``cache_c``; roll back restores model and state."""
     from smedit_plugin.easyedit_editor import load_editor
-    from smedit_plugin.easyedit_runs import method_module
+    from smedit_plugin.easyedit_runs import method_module, module_state_undo
 
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -321,8 +321,12 @@ def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, t
 
     twin, twin_tok = tiny("smollm2")
     editor = load_editor(dataclasses.replace(run.hparams, batch_size=2), twin, twin_tok)
-    torch.manual_seed(0)
-    editor.batch_edit(**editor_kwargs(records, batch=True, era="C"), sequential_edit=True, verbose=False)
+    undo = module_state_undo(alpha)  # EasyEdit's own run leaves cache_c behind for later tests otherwise
+    try:
+        torch.manual_seed(0)
+        editor.batch_edit(**editor_kwargs(records, batch=True, era="C"), sequential_edit=True, verbose=False)
+    finally:
+        undo()
     theirs = dict(twin.named_parameters())
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
