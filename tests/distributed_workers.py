@@ -39,6 +39,7 @@ def math_case(reduce) -> dict[str, torch.Tensor]:
     rank from a fixed seed; rank r keeps rows r, r + world, ...
     """
     from smedit_plugin.hypernet.network import HyperNet
+    from smedit_plugin.hypernet.cache import ModuleCache
     from smedit_plugin.hypernet.shifts import accumulate_meta_grad, predict_param_shift
 
     gen = torch.Generator().manual_seed(0)
@@ -52,9 +53,9 @@ def math_case(reduce) -> dict[str, torch.Tensor]:
         net.lamda.weight.fill_(0.3)
     mine = slice(reduce.rank, None, reduce.world_size)
     net.update_normaliser(keys[mine], value_grads[mine], reduce=reduce)
-    shift, solver, _ = predict_param_shift(net, 1, keys[mine], value_grads[mine], chunk_size=4, reduce=reduce)
-    accumulate_meta_grad(net, 1, keys[mine], value_grads[mine], solver, shift, weight_grad, chunk_size=4,
-                         reduce=reduce)
+    rows = ModuleCache.of(keys[mine], value_grads[mine])
+    shift, solver = predict_param_shift(net, 1, rows, chunk_size=4, reduce=reduce)
+    accumulate_meta_grad(net, 1, rows, solver, shift, weight_grad, chunk_size=4, reduce=reduce)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
     reduce.sum_(grads)
     return {"shift": shift, "mean": net.normaliser.mean.clone(), "std": net.normaliser.std.clone(),

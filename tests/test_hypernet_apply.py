@@ -278,8 +278,7 @@ def test_step_specific_networks_apply_stacked_steps(tiny4, requests, train_recor
         caches = cache_keys_and_value_grads(reference, pairs, [build_batch(tok, prompts, targets)])
         for pos, (name, module) in enumerate(pairs):
             net = editor.nets[step][shape_key(editor.shapes[pos])]
-            shift, _, _ = predict_param_shift(net, editor.module_idx[pos], caches[name].keys,
-                                              caches[name].value_grads, chunk_size=hp.chunk_size)
+            shift, _ = predict_param_shift(net, editor.module_idx[pos], caches[name], chunk_size=hp.chunk_size)
             add_param_shift_(module, shift)
     for name in WEIGHTS:
         assert torch.equal(out.get_parameter(name), reference.get_parameter(name)), name

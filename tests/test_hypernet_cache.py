@@ -134,7 +134,7 @@ def test_conv1d_and_linear_modules_give_identical_caches_and_edits() -> None:
 
     torch.manual_seed(0)
     net = HyperNet(128, 32, rank=4, n_blocks=1, n_modules=1, lr_init=1.0).double()
-    param_shift, _, _ = predict_param_shift(net, 0, conv_cache.keys, conv_cache.value_grads, chunk_size=2)
+    param_shift, _ = predict_param_shift(net, 0, conv_cache, chunk_size=2)
     before = answer_cross_entropy(model, batches[0])
     add_param_shift_(model.transformer.h[1].mlp.c_proj, param_shift)
     add_param_shift_(twin.transformer.h[1].mlp.c_proj, param_shift)

@@ -94,9 +94,8 @@ def malmen_by_hand(model: nn.Module, tok, editor: HypernetEditor, batch: list[Ed
         editor.net_for(0, pos).update_normaliser(caches[name].keys, caches[name].value_grads)
     shifts, solvers = {}, {}
     for pos, (name, module) in enumerate(pairs):
-        shifts[name], solvers[name], _ = predict_param_shift(editor.net_for(0, pos), editor.module_idx[pos],
-                                                             caches[name].keys, caches[name].value_grads,
-                                                             chunk_size=hp.chunk_size)
+        shifts[name], solvers[name] = predict_param_shift(editor.net_for(0, pos), editor.module_idx[pos],
+                                                          caches[name], chunk_size=hp.chunk_size)
         add_param_shift_(module, shifts[name])
     for mb in equiv:
         answer_cross_entropy(model, mb).backward()
@@ -105,9 +104,8 @@ def malmen_by_hand(model: nn.Module, tok, editor: HypernetEditor, batch: list[Ed
     params = editor.unique_parameters()
     opt = torch.optim.Adam(params, lr=hp.meta_lr)
     for pos, (name, module) in enumerate(pairs):
-        accumulate_meta_grad(editor.net_for(0, pos), editor.module_idx[pos], caches[name].keys,
-                             caches[name].value_grads, solvers[name], shifts[name], weight_grad_in_out(module),
-                             chunk_size=hp.chunk_size)
+        accumulate_meta_grad(editor.net_for(0, pos), editor.module_idx[pos], caches[name], solvers[name],
+                             shifts[name], weight_grad_in_out(module), chunk_size=hp.chunk_size)
     torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
     grads = [p.grad.clone() for p in params]
     opt.step()
@@ -472,9 +470,9 @@ def test_trajectory_reuses_locality_logits_of_the_last_meta_loss_pass_as_referen
         forwards = []
         original = trainer._reference_logits
 
-        def counted(mbs, prefix, known=None):
+        def counted(mbs, prefix, pool, known=None):
             forwards.append(sum(1 for mb in mbs if not (known and id(mb) in known)))
-            return original(mbs, prefix, known)
+            return original(mbs, prefix, pool, known)
 
         trainer._reference_logits = counted
         state = trainer.train(records, progress=False)

@@ -26,6 +26,7 @@ from .network import HyperNet, build_hypernets, shape_key, update_normalisers
 from .prefix import FrozenPrefix
 from .shifts import accumulate_meta_grad, add_param_shift_, module_shape, predict_param_shift, shifted_weight
 from .solve import RidgeSolve
+from .spill import MemoryBudget
 
 #: Likely causes of a NaN/inf ``param_shift``, named in the error.
 SHIFT_CAUSE = ("the edit step size (the network's learned `lr`, initialised by hparams `lr`) is too large, the archive "
@@ -68,6 +69,12 @@ class StepRecord:
     shifts: dict[str, torch.Tensor]
     solvers: dict[str, RidgeSolve]
     reduce: RowReduce = SINGLE  # the ranks whose rows the shifts were solved from
+
+    def release(self) -> None:
+        """Drop the cached rows and solvers (their memory budget goes to the next step); the shifts stay."""
+        for cache in self.caches.values():
+            cache.release()
+        self.caches, self.solvers = {}, {}
 
 
 class HypernetEditor(nn.Module):
@@ -125,15 +132,22 @@ class HypernetEditor(nn.Module):
         return [build_batch(tok, list(prompts[i:i + size]), list(targets[i:i + size]))
                 for i in range(0, len(prompts), size)]
 
+    def memory_budget(self) -> MemoryBudget:
+        """A fresh budget for the batch-sized state of one training unit or edit (hparams ``cache_memory_mb``, ``spill_dir``)."""
+        return MemoryBudget(self.hparams.cache_memory_mb, self.hparams.spill_dir)
+
     def bp_step(self, model: nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], step: int, *,
                 update_normaliser: bool, prefix: Optional[FrozenPrefix] = None,
-                for_meta_backward: bool = True, reduce: RowReduce = SINGLE) -> StepRecord:
+                for_meta_backward: bool = True, reduce: RowReduce = SINGLE,
+                budget: Optional[MemoryBudget] = None) -> StepRecord:
         """Cache at the current weights, predict every module's shift with step ``step``'s network, apply them.
 
         ``prefix`` (see :meth:`frozen_prefix`) lets later steps on the same micro-batches skip the unedited layers.
         ``for_meta_backward=False`` (edit time) drops each module's cached rows and solver as soon as
-        its shift is computed, so one module's worth is held at a time; the record then holds shifts only.
-        ``reduce``: ``micro_batches`` are this rank's share; normaliser statistics and solves use every rank's rows.
+        its shift is computed; the record then holds shifts only (otherwise call :meth:`StepRecord.release`
+        once the meta-gradient is in). ``reduce``: ``micro_batches`` are this rank's share; normaliser
+        statistics and solves use every rank's rows. ``budget``: cached rows past it go to spill files
+        (default: this editor's :meth:`memory_budget`); every pass over the rows reads them in chunks.
 
         The host waits for the device once per step: one check that every solve succeeded and every
         weight plus its shift is finite, before any weight is written. When it fails (rarely), the step's
@@ -142,14 +156,17 @@ class HypernetEditor(nn.Module):
         """
         pairs = [(n, self._modules_ref[n]) for n in self.module_names]
         batches = list(micro_batches)
-        caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix)
+        budget = budget if budget is not None else self.memory_budget()
+        caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix,
+                                            budget=budget)
         if update_normaliser:
-            update_normalisers([self.net_for(step, pos).normaliser_update(caches[name].keys, caches[name].value_grads)
+            update_normalisers([self.net_for(step, pos).normaliser_update(caches[name])
                                 for pos, name in enumerate(self.module_names)], reduce)
         shifts, solvers, flags = self._predict(step, caches, for_meta_backward, reduce, eager=False)
         if not bool(torch.stack(flags).all()):
             if not for_meta_backward:  # the rows were dropped module by module; no weight has changed yet
-                caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix)
+                caches = cache_keys_and_value_grads(model, pairs, batches, storage_device=self.device, prefix=prefix,
+                                                    budget=budget)
             shifts, solvers, _ = self._predict(step, caches, for_meta_backward, reduce, eager=True)
         for name, shift in shifts.items():
             add_param_shift_(self._modules_ref[name], shift)
@@ -163,9 +180,10 @@ class HypernetEditor(nn.Module):
         where = f"BP step {step + 1} of {self.hparams.bp_steps}"
         for pos, name in enumerate(self.module_names):
             c = caches[name] if keep else caches.pop(name)
-            shift, solver, _ = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c.keys.to(self.device),
-                                                   c.value_grads.to(self.device), chunk_size=self.hparams.chunk_size,
-                                                   reduce=reduce, check=eager)
+            shift, solver = predict_param_shift(self.net_for(step, pos), self.module_idx[pos], c,
+                                                chunk_size=self.hparams.chunk_size, reduce=reduce, check=eager)
+            if not keep:
+                c.release()
             del c
             module = self._modules_ref[name]
             if eager:
@@ -181,18 +199,17 @@ class HypernetEditor(nn.Module):
             del solver
         return shifts, solvers, flags
 
-    def frozen_prefix(self, model: nn.Module) -> Optional[FrozenPrefix]:
-        """A :class:`FrozenPrefix` for this editor's modules, or None when ``reuse_frozen_prefix`` is off."""
-        return FrozenPrefix(model, self.module_names) if self.hparams.reuse_frozen_prefix else None
+    def frozen_prefix(self, model: nn.Module, budget: Optional[MemoryBudget] = None) -> Optional[FrozenPrefix]:
+        """A :class:`FrozenPrefix` for this editor's modules (its stored states within ``budget``), or None when
+        ``reuse_frozen_prefix`` is off."""
+        return FrozenPrefix(model, self.module_names, budget) if self.hparams.reuse_frozen_prefix else None
 
     def meta_backward(self, record: StepRecord, weight_grads: dict[str, torch.Tensor]) -> None:
         """Accumulate the hypernetwork gradient of a loss whose weight gradients are ``weight_grads``."""
         for pos, name in enumerate(self.module_names):
-            c = record.caches[name]
-            accumulate_meta_grad(self.net_for(record.step, pos), self.module_idx[pos], c.keys.to(self.device),
-                                 c.value_grads.to(self.device), record.solvers[name], record.shifts[name],
-                                 weight_grads[name].to(self.device), chunk_size=self.hparams.chunk_size,
-                                 reduce=record.reduce)
+            accumulate_meta_grad(self.net_for(record.step, pos), self.module_idx[pos], record.caches[name],
+                                 record.solvers[name], record.shifts[name], weight_grads[name].to(self.device),
+                                 chunk_size=self.hparams.chunk_size, reduce=record.reduce)
 
     def unique_parameters(self) -> list[nn.Parameter]:
         """Every hypernetwork parameter once (a shared network is not listed per step, unlike the reference)."""
@@ -224,9 +241,11 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
         with float32_edit_weights(modules, wants_float32(modules, editor.hparams.fp32_edit_weights)) as rounding:
             for w in weights:
                 w.requires_grad_(True)
-            prefix = editor.frozen_prefix(model)
+            budget = editor.memory_budget()
+            prefix = editor.frozen_prefix(model, budget)
             for s in range(editor.hparams.bp_steps):
-                editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix, for_meta_backward=False)
+                editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix, for_meta_backward=False,
+                               budget=budget)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):

@@ -62,6 +62,8 @@ class HypernetHyperParams(MethodHyperParams):
     shared_hypernet: Optional[bool] = F(default=None, metadata={"help": "one network for all BP steps; null = method default"})
     rank_decay: bool = F(default=True, metadata={"help": "step-specific networks get rank // step (1-based)"})
     chunk_size: int = F(default=1024, metadata={"range": (1, None), "help": "hypernetwork rows per chunk (no effect on results)"})
+    cache_memory_mb: Optional[float] = F(default=1024.0, metadata={"range": (0.0, None), "help": "megabytes of batch-sized state (cached keys and value gradients, locality reference logits, frozen-prefix states) one edit or training unit keeps in memory; the rest goes to a temporary file and is read back in chunks (same results); null = no limit"})
+    spill_dir: Optional[str] = F(default=None, metadata={"help": "folder of the temporary files past cache_memory_mb (deleted when done); null = the system's temporary folder"})
     micro_batch_size: int = F(default=4, metadata={"range": (1, None), "help": "examples per LLM forward; losses are summed over micro-batches"})
     model_dtype: Optional[str] = F(default=None, metadata={"choices": ("float32", "bfloat16", "float16"), "help": "dtype the model is loaded in; null = float16 if fp16 else float32"})
     fp32_edit_weights: Optional[bool] = F(default=None, metadata={"help": "hold the edit modules in float32 during an edit and round once at the end (costs one float32 copy of each edited weight); null = on for bf16/fp16 models"})

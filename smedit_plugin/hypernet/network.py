@@ -7,7 +7,7 @@ embeddings, edit step size ``lr`` and ridge coefficient ``lamda``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,7 @@ class RunningMeanStd(nn.Module):
         With ``reduce``, ``x`` is this rank's share of the batch and the batch statistics are those of
         the rows of all ranks (count, sum and squared deviations summed over ranks).
         """
-        update_normalisers([(self, (x,), None)], reduce)
+        update_normalisers([(self, TensorColumns((x,)), None)], reduce)
 
     def _merge(self, m: Tensor, batch_mean: Tensor, batch_var: Tensor) -> None:
         """Chan's merge of a batch of ``m`` rows into the statistics, in float64 on the device (no host read)."""
@@ -136,11 +136,11 @@ class HyperNet(nn.Module):
 
     def update_normaliser(self, keys: Tensor, value_grads: Tensor, reduce: RowReduce = SINGLE) -> None:
         """Feed one batch of cached rows ``[keys; value_grads]`` into the running statistics (all ranks' rows)."""
-        update_normalisers([self.normaliser_update(keys, value_grads)], reduce)
+        update_normalisers([self.normaliser_update(TensorColumns((keys, value_grads)))], reduce)
 
-    def normaliser_update(self, keys: Tensor, value_grads: Tensor) -> "NormaliserUpdate":
-        """The update :meth:`update_normaliser` makes, for :func:`update_normalisers` to pack with others."""
-        return self.normaliser, (keys, value_grads), self.dtype
+    def normaliser_update(self, rows: "RowSource") -> "NormaliserUpdate":
+        """The update of the statistics with ``rows`` (read block by block), for :func:`update_normalisers`."""
+        return self.normaliser, rows, self.dtype
 
     def forward(self, keys: Tensor, value_grads: Tensor, module_idx: int) -> tuple[Tensor, Tensor]:
         """Return ``(pseudo_keys, pseudo_value_grads)``; inputs are cast to the network's device/dtype."""
@@ -168,16 +168,50 @@ class HyperNet(nn.Module):
         return self.lamda.weight[module_idx, 0].exp()
 
 
-#: One normaliser update: the normaliser, the column blocks of its rows (``(keys, value_grads)``, side by
-#: side), and the dtype the rows are cast to first (None = as they are).
-NormaliserUpdate = tuple[RunningMeanStd, Sequence[Tensor], Optional[torch.dtype]]
+class RowSource(Protocol):
+    """Rows ``[keys | value_grads]`` read block by block (a :class:`~.cache.ModuleCache`, or :class:`TensorColumns`)."""
+
+    @property
+    def n_rows(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
+
+    def column_blocks(self, rows: int) -> Iterator[Sequence[Tensor]]:
+        """Consecutive blocks of at most ``rows`` rows, each as its column parts side by side."""
+        ...
 
 
-def _row_blocks(norm: RunningMeanStd, parts: Sequence[Tensor], dtype: Optional[torch.dtype]) -> Iterator[Tensor]:
+class TensorColumns:
+    """Column parts (e.g. ``(keys, value_grads)``) already in memory, as a :class:`RowSource`."""
+
+    def __init__(self, parts: Sequence[Tensor]) -> None:
+        shapes = [tuple(part.shape) for part in parts]
+        if not parts or any(len(shape) != 2 or shape[0] != shapes[0][0] for shape in shapes):
+            raise ValueError(f"column parts must be [N, width] matrices with one N, got shapes {shapes}")
+        self.parts = parts
+
+    @property
+    def n_rows(self) -> int:
+        return self.parts[0].shape[0]
+
+    @property
+    def width(self) -> int:
+        return sum(part.shape[1] for part in self.parts)
+
+    def column_blocks(self, rows: int) -> Iterator[Sequence[Tensor]]:
+        for start in range(0, self.n_rows, rows):
+            yield [part[start:start + rows] for part in self.parts]
+
+
+#: One normaliser update: the normaliser, its rows, and the dtype the rows are cast to first (None = as they are).
+NormaliserUpdate = tuple[RunningMeanStd, RowSource, Optional[torch.dtype]]
+
+
+def _row_blocks(norm: RunningMeanStd, source: RowSource, dtype: Optional[torch.dtype]) -> Iterator[Tensor]:
     """float64 blocks of at most ``NORMALISER_ROWS`` rows of ``[parts[0] | parts[1] | ...]``, built one at a time."""
-    for start in range(0, parts[0].shape[0], NORMALISER_ROWS):
-        rows = slice(start, start + NORMALISER_ROWS)
-        block = [part.detach()[rows].to(dtype) if dtype is not None else part.detach()[rows] for part in parts]
+    for parts in source.column_blocks(NORMALISER_ROWS):
+        block = [part.detach().to(dtype) if dtype is not None else part.detach() for part in parts]
         yield (torch.cat(block, dim=1) if len(block) > 1 else block[0]).to(norm.mean.device).double()
 
 
@@ -190,20 +224,18 @@ def update_normalisers(updates: Sequence[NormaliserUpdate], reduce: RowReduce = 
     reduction and the squared deviations in a second; nothing is read back to the host.
     """
     live = []
-    for norm, parts, dtype in updates:
-        shapes = [tuple(part.shape) for part in parts]
-        if any(len(shape) != 2 or shape[0] != shapes[0][0] for shape in shapes) \
-                or sum(shape[1] for shape in shapes) != norm.size:
-            raise ValueError(f"normaliser update expects rows of width {norm.size}, got shapes {shapes}")
-        if not norm.frozen and (reduce.active or parts[0].shape[0] > 0):
-            live.append((norm, parts, dtype))
+    for norm, source, dtype in updates:
+        if source.width != norm.size:
+            raise ValueError(f"normaliser update expects rows of width {norm.size}, got width {source.width}")
+        if not norm.frozen and (reduce.active or source.n_rows > 0):
+            live.append((norm, source, dtype))
     if not live:
         return
     sums = [sum((block.sum(dim=0) for block in _row_blocks(*update)),
                 torch.zeros(update[0].size, dtype=torch.float64, device=update[0].mean.device)) for update in live]
     # the row count rides in front of each sum (as a device tensor: ``float / tensor`` would round differently)
-    counted = [torch.cat([torch.full((1,), float(parts[0].shape[0]), dtype=torch.float64, device=total.device), total])
-               for (_, parts, _), total in zip(live, sums)]
+    counted = [torch.cat([torch.full((1,), float(source.n_rows), dtype=torch.float64, device=total.device), total])
+               for (_, source, _), total in zip(live, sums)]
     reduce.sum_(counted)
     counts, sums = [c[0] for c in counted], [c[1:] for c in counted]
     means = [total / m for total, m in zip(sums, counts)]

@@ -16,6 +16,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
+from .spill import MemoryBudget, SpillPool, Stored
+
 
 def decoder_layers(model: nn.Module, module_names: Sequence[str]) -> Optional[tuple[nn.ModuleList, int]]:
     """The model's list of decoder blocks and the index of the lowest block holding an edit module.
@@ -43,16 +45,18 @@ class FrozenPrefix:
     Use :meth:`forward_of` around every forward of a micro-batch (``with prefix.forward_of(batch):
     model(...)``). The first forward of a micro-batch runs in full and records the states; later ones
     skip blocks ``0 .. first-1``. Micro-batches are recognised by identity of their ``input_ids``
-    tensor, and the stored states keep that tensor alive, so a recycled ``id`` cannot match. Disabled
+    tensor, and the stored states keep that tensor alive, so a recycled ``id`` cannot match. States past
+    ``budget`` (default: none) are kept in a spill file and read back when replayed. Disabled
     (plain forwards) when the lowest edited block is the first one, when the model is in training mode
     (dropout would make the prefix random), or when no decoder blocks are found.
     """
 
-    def __init__(self, model: nn.Module, module_names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, module_names: Sequence[str], budget: Optional[MemoryBudget] = None) -> None:
         found = decoder_layers(model, module_names)
         self.model = model
         self.blocks, self.first = found if found is not None else (None, 0)
-        self._stored: dict[int, tuple[Tensor, Tensor]] = {}
+        self._pool = SpillPool(budget if budget is not None else MemoryBudget(None))
+        self._stored: dict[int, tuple[Tensor, Stored]] = {}
         self._returns_tuple: Optional[bool] = None
 
     @property
@@ -68,7 +72,7 @@ class FrozenPrefix:
         ids = batch["input_ids"]
         stored = self._stored.get(id(ids))
         if stored is not None and stored[0] is ids and self._returns_tuple is not None:
-            with self._replay(stored[1]):
+            with self._replay(stored[1].get()):
                 yield
         else:
             with self._record(ids):
@@ -82,7 +86,10 @@ class FrozenPrefix:
     @contextlib.contextmanager
     def _record(self, ids: Tensor) -> Iterator[None]:
         def keep_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            self._stored[id(ids)] = (ids, self._hidden_of(args, kwargs).detach())
+            previous = self._stored.get(id(ids))
+            if previous is not None:
+                previous[1].release()
+            self._stored[id(ids)] = (ids, self._pool.store(self._hidden_of(args, kwargs).detach()))
 
         def note_structure(module: nn.Module, args: tuple, output: Any) -> None:
             self._returns_tuple = isinstance(output, tuple)

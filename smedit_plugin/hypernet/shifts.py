@@ -5,15 +5,16 @@ Every shift is a ``(d_in, d_out)`` matrix; ``nn.Linear`` stores its weight ``(ou
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..distributed import SINGLE, RowReduce
+from .cache import ModuleCache
 from .network import HyperNet
-from .solve import Form, RidgeSolve
+from .solve import ChunkedKeys, Form, RidgeSolve
 
 
 def _is_transposed(module: nn.Module) -> bool:
@@ -78,20 +79,11 @@ def shifted_weight(module: nn.Module, param_shift: Tensor, scale: float = 1.0) -
     return module.weight.detach() + _weight_update(module, param_shift, scale)
 
 
-def _row_chunks(n_rows: int, chunk_size: int) -> Iterator[slice]:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return (slice(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size))
-
-
-def _check_rows(net: HyperNet, keys: Tensor, value_grads: Tensor) -> None:
-    if keys.dim() != 2 or value_grads.dim() != 2 or keys.shape[0] != value_grads.shape[0]:
-        raise ValueError(f"keys [N, d_in] and value_grads [N, d_out] need the same N, got {tuple(keys.shape)} "
-                         f"and {tuple(value_grads.shape)}")
-    if keys.shape[0] == 0:
+def _check_rows(net: HyperNet, rows: ModuleCache) -> None:
+    if rows.n_rows == 0:
         raise ValueError("no cached rows: the micro-batches have no answer positions (labels are all -100)")
-    if (keys.shape[1], value_grads.shape[1]) != (net.key_size, net.value_size):
-        raise ValueError(f"rows of shape ({keys.shape[1]}, {value_grads.shape[1]}) given to the hyper-network of "
+    if (rows.key_size, rows.value_size) != (net.key_size, net.value_size):
+        raise ValueError(f"rows of shape ({rows.key_size}, {rows.value_size}) given to the hyper-network of "
                          f"shape ({net.key_size}, {net.value_size})")
 
 
@@ -103,46 +95,70 @@ def _value_diffs(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tens
     return coef * pseudo_value_grads
 
 
-def predict_param_shift(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tensor, *, chunk_size: int,
+def predict_param_shift(net: HyperNet, module_idx: int, rows: ModuleCache, *, chunk_size: int,
                         solve_dtype: Optional[torch.dtype] = None, form: Form = "auto",
-                        reduce: RowReduce = SINGLE, check: bool = True) -> tuple[Tensor, RidgeSolve, Tensor]:
-    """MALMEN predict for one module: ``(param_shift [d_in, d_out], solver, value_diffs [N, d_out])``.
+                        reduce: RowReduce = SINGLE, check: bool = True) -> tuple[Tensor, RidgeSolve]:
+    """MALMEN predict for one module: ``(param_shift [d_in, d_out], solver)`` from its cached ``rows``.
 
-    Outputs are in the network's dtype (fp32 unless the network was cast); the solve runs in
-    ``solve_dtype`` (default: the network's dtype). No graph is built; the returned solver holds the
-    factored ridge matrix so the meta-gradient reuses it. With ``reduce``, ``keys`` are this rank's rows and
-    the shift is that of the rows of all ranks. ``check=False`` leaves the solver's checks to the caller
-    (:attr:`RidgeSolve.healthy`), so nothing waits for the device.
+    Rows are read ``chunk_size`` at a time: the network runs chunk by chunk and, in the primal form, only
+    ``KᵀK`` and ``KᵀD`` (sums over chunks) are kept, so memory does not grow with the rows; the dual
+    form (fewer rows than key features) holds its rows' ``K`` and ``D``. Outputs are in the network's dtype
+    (fp32 unless the network was cast); the solve runs in ``solve_dtype`` (default: the network's dtype).
+    No graph is built; the returned solver holds the factored ridge matrix so the meta-gradient reuses it.
+    With ``reduce``, ``rows`` are this rank's and the shift is that of the rows of all ranks. ``check=False``
+    leaves the solver's checks to the caller (:attr:`RidgeSolve.healthy`), so nothing waits for the device.
     """
-    _check_rows(net, keys, value_grads)
+    _check_rows(net, rows)
+    dtype = solve_dtype or net.dtype
     with torch.no_grad():
-        value_diffs = torch.cat([_value_diffs(net, module_idx, keys[rows], value_grads[rows])
-                                 for rows in _row_chunks(keys.shape[0], chunk_size)])
-        solver = RidgeSolve(keys.to(net.device), net.lam(module_idx), dtype=solve_dtype or net.dtype, form=form,
-                            reduce=reduce, check=check)
-        param_shift = solver.solve(value_diffs)
-    return param_shift, solver, value_diffs
+        keys = ChunkedKeys(rows.n_rows, rows.key_size,
+                           lambda: (k for k, _ in rows.chunks(chunk_size, device=net.device)))
+        solver = RidgeSolve(keys, net.lam(module_idx), dtype=dtype, form=form, reduce=reduce, check=check)
+        diffs = ((k, _value_diffs(net, module_idx, k, g)) for k, g in rows.chunks(chunk_size, device=net.device))
+        if solver.form == "dual":
+            return solver.solve(torch.cat([d for _, d in diffs])), solver
+        projected: Optional[Tensor] = None
+        for k, d in diffs:
+            part = k.to(dtype).T @ d.to(dtype)
+            projected = part if projected is None else projected.add_(part)
+        assert projected is not None  # _check_rows: at least one row
+        return solver.solve_projected(projected).to(net.dtype), solver
 
 
-def accumulate_meta_grad(net: HyperNet, module_idx: int, keys: Tensor, value_grads: Tensor, solver: RidgeSolve,
+def accumulate_meta_grad(net: HyperNet, module_idx: int, rows: ModuleCache, solver: RidgeSolve,
                          param_shift: Tensor, weight_grad: Tensor, *, chunk_size: int, reduce: RowReduce = SINGLE) -> None:
     """Add ``∂L/∂θ`` of every hyper-network parameter into ``.grad`` given ``weight_grad = ∂L/∂W``.
 
     The LLM and the network never share a graph: the solve's vector-Jacobian product gives ``∂L/∂D``
-    and ``∂L/∂λ``, then each chunk of rows is re-run with grad and back-propagated on its own. With
-    ``reduce`` each rank adds the part of its own rows (``weight_grad`` is the all-ranks one) and the
+    and ``∂L/∂λ``, then each chunk of rows is re-run with grad and back-propagated on its own (in the
+    primal form the chunk's ``∂L/∂D = K_c (KᵀK+λI)⁻¹G`` is formed there, so no ``[N, d_out]`` tensor exists).
+    With ``reduce`` each rank adds the part of its own rows (``weight_grad`` is the all-ranks one) and the
     batch-global ``λ`` term is added by the first rank only, so summing the ranks' gradients gives the total.
     """
-    _check_rows(net, keys, value_grads)
-    if solver.n_rows != keys.shape[0]:
-        raise ValueError(f"solver was built from {solver.n_rows} rows but {keys.shape[0]} keys were given; pass the "
+    _check_rows(net, rows)
+    if solver.n_rows != rows.n_rows:
+        raise ValueError(f"solver was built from {solver.n_rows} rows but {rows.n_rows} rows were given; pass the "
                          f"same cached rows to predict_param_shift and accumulate_meta_grad")
-    value_diffs_grad, lam_grad = solver.backward(param_shift, weight_grad.to(solver.keys.device))
-    value_diffs_grad = value_diffs_grad.to(net.device, net.dtype)
+    mat: Optional[Tensor] = None
+    value_diffs_grad: Optional[Tensor] = None
+    if solver.form == "primal":
+        mat, lam_grad = solver.backward_primal(param_shift, weight_grad)
+        lam_grad = lam_grad.to(weight_grad.dtype)
+    else:
+        value_diffs_grad, lam_grad = solver.backward(param_shift, weight_grad)
+        value_diffs_grad = value_diffs_grad.to(net.device, net.dtype)
     lamda = net.lamda.weight[module_idx, 0]
     lamda_grad_const = (lam_grad * solver.lam).to(net.device, net.dtype)
     if reduce.is_first:
         (lamda_grad_const * lamda).backward()
-    for rows in _row_chunks(keys.shape[0], chunk_size):
-        value_diffs = _value_diffs(net, module_idx, keys[rows], value_grads[rows])
-        (value_diffs_grad[rows] * value_diffs).sum().backward()
+    start = 0
+    for keys, value_grads in rows.chunks(chunk_size, device=net.device):
+        stop = start + keys.shape[0]
+        if mat is not None:
+            chunk_grad = (keys.to(solver.dtype) @ mat).to(weight_grad.dtype).to(net.device, net.dtype)
+        else:
+            assert value_diffs_grad is not None
+            chunk_grad = value_diffs_grad[start:stop]
+        value_diffs = _value_diffs(net, module_idx, keys, value_grads)
+        (chunk_grad * value_diffs).sum().backward()
+        start = stop

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 import operator
 import random
@@ -35,6 +36,7 @@ from .losses import answer_cross_entropy, kl_locality
 from ..distributed import SINGLE, RowReduce
 from .prefix import FrozenPrefix, forward_context
 from .shifts import module_shape, to_in_out
+from .spill import SpillPool, Stored
 
 
 @dataclasses.dataclass
@@ -126,25 +128,27 @@ class MetaTrainer:
                 grads[name] = grads[name] + g if name in grads else g
 
     @torch.no_grad()
-    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix],
-                          known: Optional[dict[int, torch.Tensor]] = None) -> list[torch.Tensor]:
-        """Logits of ``mbs`` at the current weights; ``known`` holds some already (by micro-batch identity)."""
+    def _reference_logits(self, mbs: list[dict[str, torch.Tensor]], prefix: Optional[FrozenPrefix], pool: SpillPool,
+                          known: Optional[dict[int, Stored]] = None) -> list[Stored]:
+        """Logits of ``mbs`` at the current weights, kept in ``pool``'s budget; ``known`` holds some already
+        (by micro-batch identity)."""
         refs = []
         for mb in mbs:
             if known is not None and id(mb) in known:
                 refs.append(known[id(mb)])
                 continue
             with forward_context(prefix, mb):
-                refs.append(answer_logits(self.model, mb).float())
+                refs.append(pool.store(answer_logits(self.model, mb).float()))
         return refs
 
-    def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[torch.Tensor]],
+    def _meta_loss_grads(self, equiv: list[list[dict]], unrel: list[list[dict]], refs: list[list[Stored]],
                          weights: list[float], prefix: Optional[FrozenPrefix],
-                         seen: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                         seen: Optional[tuple[SpillPool, dict[int, Stored]]] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Weight gradients of sum_j weights[j] * (CE(equiv_j) + loc_coef * KL(unrel_j)), one micro-batch at a time.
 
         The meta-loss comes back as a float64 tensor on the device, summed there (the caller reads it once
-        per unit). ``seen`` receives the (detached) logits of every locality micro-batch, keyed by its identity.
+        per unit). ``seen`` = ``(pool, logits)``: ``logits`` receives the (detached) logits of every locality
+        micro-batch, kept in ``pool`` and keyed by the micro-batch's identity.
         """
         grads: dict[str, torch.Tensor] = {}
         losses: list[torch.Tensor] = []
@@ -160,8 +164,8 @@ class MetaTrainer:
                     with forward_context(prefix, mb):
                         logits = answer_logits(self.model, mb)
                     if seen is not None:
-                        seen[id(mb)] = logits.detach().float()
-                    loss = w * loc_coef * kl_locality(ref_logits, logits)
+                        seen[1][id(mb)] = seen[0].store(logits.detach().float())
+                    loss = w * loc_coef * kl_locality(ref_logits.get(), logits)
                     losses.append(loss.detach())
                     self._grad_of(loss, grads)
         total = device_sum(losses)  # every rank scores at least one micro-batch (check_shardable)
@@ -227,19 +231,21 @@ class MetaTrainer:
     def _train_batch(self, batch: list[EditRecord]) -> float:
         """Batch mode: ``bp_steps`` stacked steps, an Adam step after each (step-wise updating)."""
         snap = self._snapshot()
-        prefix = self.editor.frozen_prefix(self.model)
+        budget = self.editor.memory_budget()
+        prefix = self.editor.frozen_prefix(self.model, budget)
         edit, equiv, unrel = self._edit_mbs(batch), self._equiv_mbs(batch), self._unrel_mbs(batch)
-        refs = self._reference_logits(unrel, prefix) if self.hp.locality_coef() > 0 else []
+        refs = self._reference_logits(unrel, prefix, SpillPool(budget)) if self.hp.locality_coef() > 0 else []
         loss = None
         with self._float32_edit_weights(), self._restoring(snap):
             for s in range(self.hp.bp_steps):
                 rec = self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix,
-                                          reduce=self.reduce)
+                                          reduce=self.reduce, budget=budget)
                 grads, loss = self._meta_loss_grads([equiv], [unrel], [refs], [1.0], prefix)
                 grads = self._add_shift_penalty(grads, rec.shifts, 1.0)
                 self.opt.zero_grad(set_to_none=True)
                 self.editor.meta_backward(rec, grads)
-                del rec, grads  # so the next step's cached rows do not sit next to these
+                rec.release()  # so the next step's cached rows do not sit next to these
+                del rec, grads
                 self._optimizer_step()
                 if not self.hp.cumulative_steps:
                     snap.restore()
@@ -248,13 +254,15 @@ class MetaTrainer:
     def _train_trajectory(self, records: list[EditRecord]) -> float:
         """Sequential mode: ``num_seq`` batches whose edits accumulate; one Adam step at the end."""
         snap = self._snapshot()
-        prefix = self.editor.frozen_prefix(self.model)
+        budget = self.editor.memory_budget()
+        pool = SpillPool(budget)
+        prefix = self.editor.frozen_prefix(self.model, budget)
         n = self.hp.n_edits
         batches = [records[i:i + n] for i in range(0, len(records), n)]
         history: list[tuple[list, list]] = []
         # Locality logits the last meta-loss pass computed; its weights are the next batch's pre-edit weights,
         # so they are that batch's reference logits for the earlier batches of its window (no second forward).
-        at_current: dict[int, torch.Tensor] = {}
+        at_current: dict[int, Stored] = {}
         losses: list[torch.Tensor] = []
         self.opt.zero_grad(set_to_none=True)
         with self._float32_edit_weights(), self._restoring(snap):
@@ -263,17 +271,20 @@ class MetaTrainer:
                 weights = self.hp.trajectory_weights(i)
                 window = history[::-1][:len(weights)]  # j = 0 is the current batch
                 with_kl = self.hp.locality_coef() > 0
-                refs = [self._reference_logits(un, prefix, at_current) if with_kl else [] for _, un in window]
+                refs = [self._reference_logits(un, prefix, pool, at_current) if with_kl else [] for _, un in window]
                 edit = self._edit_mbs(batch)
                 recs = [self.editor.bp_step(self.model, edit, s, update_normaliser=True, prefix=prefix,
-                                            reduce=self.reduce) for s in range(self.hp.bp_steps)]
-                at_current = {}
+                                            reduce=self.reduce, budget=budget) for s in range(self.hp.bp_steps)]
+                previous, at_current = at_current, {}
                 grads, loss = self._meta_loss_grads([w[0] for w in window], [w[1] for w in window], refs, weights,
-                                                    prefix, at_current if self.reuse_reference_logits else None)
+                                                    prefix, (pool, at_current) if self.reuse_reference_logits else None)
+                for ref in itertools.chain(previous.values(), *refs):  # their budget goes to the next batch's
+                    ref.release()
                 losses.append(loss)
                 scale = self.hp.shift_penalty_scale(i)
                 for rec in recs:
                     self.editor.meta_backward(rec, self._add_shift_penalty(grads, rec.shifts, scale))
+                    rec.release()
             self._optimizer_step()
         return float(device_sum(losses))
 
@@ -295,7 +306,7 @@ class MetaTrainer:
         losses = []
         for unit in units:
             equiv, unrel = self._equiv_mbs(unit, shard=False), self._unrel_mbs(unit, shard=False)
-            refs = self._reference_logits(unrel, None) if loc_coef > 0 else []
+            refs = self._reference_logits(unrel, None, SpillPool(self.editor.memory_budget())) if loc_coef > 0 else []
             snapshot = None
             try:
                 for i in range(0, len(unit), self.hp.n_edits):
@@ -305,7 +316,8 @@ class MetaTrainer:
                 # summed on the device in float64, read once per unit
                 loss = float(device_sum([answer_cross_entropy(self.model, mb) for mb in equiv])) / len(equiv)
                 if loc_coef > 0 and unrel:
-                    kl = float(device_sum([kl_locality(ref, answer_logits(self.model, mb)) for mb, ref in zip(unrel, refs)]))
+                    kl = float(device_sum([kl_locality(ref.get(), answer_logits(self.model, mb))
+                                           for mb, ref in zip(unrel, refs)]))
                     loss += loc_coef * kl / len(unrel)
             finally:
                 if snapshot is not None:

@@ -86,8 +86,12 @@ def split_validation(records: Sequence[EditRecord], fraction: float, seed: int) 
 #: hparams fields a resumed run may change without changing what the archive learns: devices, chunking, how long
 #: to train and how to validate. Every other field (and the data, the seed, the model) must match to resume.
 RESUMABLE_FIELDS = frozenset({"archive", "device", "hypernet_device", "model_parallel", "chunk_size", "micro_batch_size",
+                              "cache_memory_mb", "spill_dir",
                               "reuse_frozen_prefix", "max_steps", "n_epochs", "val_interval", "val_n_edits",
                               "early_stop_patience", "batch_size", "max_length"})
+#: Fields that only say where batch-sized state is kept (memory or spill files): never part of an archive's cache
+#: key, so archives cached before they existed keep their key.
+STORAGE_FIELDS = frozenset({"cache_memory_mb", "spill_dir"})
 #: Fields each data-parallel rank sets for itself (its own device).
 PER_RANK_FIELDS = frozenset({"device", "hypernet_device"})
 
@@ -284,7 +288,8 @@ def archive_fingerprint(train_hp: HypernetHyperParams, model_key: str, dataset: 
     """The one cache key of a trained archive: method, model, dataset, every training field and the data (a file's
     bytes, or a string that names exactly which records)."""
     h = hashlib.sha256()
-    for part in (FORMAT, train_hp.alg_name, model_key, dataset, train_hp.to_dict(), train_data):
+    fields = {k: v for k, v in train_hp.to_dict().items() if k not in STORAGE_FIELDS}
+    for part in (FORMAT, train_hp.alg_name, model_key, dataset, fields, train_data):
         if isinstance(part, Path) and part.is_file():
             h.update(part.read_bytes())
         else:
