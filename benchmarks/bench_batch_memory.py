@@ -25,15 +25,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from smedit_plugin.compare.config import parse_overrides  # noqa: E402
+from smedit_plugin.memory import reset_peak, status_mb  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train.json"
-
-
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _reset_peak() -> float:
@@ -41,8 +37,9 @@ def _reset_peak() -> float:
     import gc
 
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
+    if not reset_peak():
+        raise RuntimeError("this benchmark needs Linux's /proc/self/clear_refs to measure each peak")
+    return status_mb("VmRSS")
 
 
 def _setup(args: argparse.Namespace, n: int, training: bool) -> tuple[Any, Any, Any, list]:
@@ -84,7 +81,7 @@ def worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         trainer.train(records, progress=False)
     seconds = time.perf_counter() - start
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"mode": args.mode, "method": args.method, "n": n, "rss_before_mb": before, "peak_rss_mb": peak,
             "growth_mb": peak - before, "seconds": seconds, "threads": args.threads, "set": dict(args.set)}
 
@@ -103,21 +100,9 @@ def sequences_worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         snapshot = edit_batch(model, tok, editor, [r.prompt for r in batch], [r.target_new for r in batch], snapshot)
         rows.append({"sequence": index + 1, "seconds": time.perf_counter() - start,
-                     "peak_rss_mb": _status_mb("VmHWM"), "rss_after_mb": _status_mb("VmRSS")})
+                     "peak_rss_mb": status_mb("VmHWM"), "rss_after_mb": status_mb("VmRSS")})
         print(json.dumps(rows[-1]), flush=True)
     return {"mode": "sequences", "method": args.method, "n_edits": n, "rows": rows, "threads": args.threads}
-
-
-def _parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    """``field=value`` overrides (values parsed as JSON when they can be)."""
-    out = []
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out.append((key, json.loads(value)))
-        except json.JSONDecodeError:
-            out.append((key, value))
-    return out
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -151,7 +136,7 @@ def main() -> None:
     parser.add_argument("--method", default="SMEdit", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.set = _parse_set(args.set)
+    args.set = list(parse_overrides(args.set).items())
     if args.sequences:
         args.method = args.methods[0]
         result = sequences_worker(args)

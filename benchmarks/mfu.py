@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from smedit_plugin.compare.config import parse_overrides  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_train.json"
 METHODS = ("SMEdit", "MALMEN2", "MALMEN1", "RLEdit2", "RLEdit1")
 #: profiler op names that are matrix products (their time is the "matmul" part; everything else is listed)
@@ -157,17 +159,6 @@ def _timed(run: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _parse_set(items: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out.append((key, json.loads(value)))
-        except json.JSONDecodeError:
-            out.append((key, value))
-    return out
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -182,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--smoke", action="store_true", help="tiny random SmolLM2-shaped model, small hparams, synthetic facts")
     parser.add_argument("--out", type=Path, default=Path("mfu.json"))
     args = parser.parse_args(argv)
-    args.set = _parse_set(args.set)
+    args.set = list(parse_overrides(args.set).items())
     if args.smoke:
         args.n_edits, args.edit_facts = min(args.n_edits, 4), min(args.edit_facts, 4)
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from ..hparams import HyperParamsError, load_method_hparams
 from ..methods import COMPARE_DEFAULT, METHODS
@@ -95,16 +95,25 @@ def method_overrides(entry: str) -> tuple[str, dict[str, Any]]:
     if match is None:
         raise ValueError(f"--methods entry {entry!r} is not METHOD or METHOD[field=value,...]")
     name, inner = match.group(1), match.group(2)
+    try:
+        return name, parse_overrides([] if inner is None else inner.split(","))
+    except ValueError as err:
+        raise ValueError(f"--methods entry {entry!r}: {err}") from None
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["rank=8", "lr=1e-3", "name=x"]`` -> ``{"rank": 8, "lr": 0.001, "name": "x"}`` (values parsed as JSON when
+    they can be, else kept as text); blank items are skipped."""
     overrides: dict[str, Any] = {}
-    for item in [] if inner is None else [i for i in inner.split(",") if i.strip()]:
+    for item in (i for i in items if i.strip()):
         field, sep, value = item.partition("=")
         if not sep or not field.strip():
-            raise ValueError(f"--methods entry {entry!r}: override {item!r} is not field=value")
+            raise ValueError(f"override {item!r} is not field=value")
         try:
             overrides[field.strip()] = json.loads(value)
         except json.JSONDecodeError:
             overrides[field.strip()] = value.strip()
-    return name, overrides
+    return overrides
 
 
 @dataclasses.dataclass(frozen=True)
