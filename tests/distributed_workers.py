@@ -27,6 +27,10 @@ def _entry(rank: int, world_size: int, port: int, target: Callable[..., None], a
                                          timeout=datetime.timedelta(seconds=120))
     try:
         target(rank, world_size, *args)
+        # every rank done with its collectives before any closes its connections: a rank that tears the group down
+        # while a peer still reads (all_gather_object is two collectives) aborts that peer in gloo
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     finally:
         if torch.distributed.is_initialized():  # code under test may have left the group already
             torch.distributed.destroy_process_group()
