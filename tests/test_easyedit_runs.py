@@ -270,6 +270,16 @@ def _quick_yaml_folder(root: Path, method: str, **changes) -> Path:
     return root
 
 
+def _runner(tiny, tmp_path: Path, method: str, **changes) -> tuple[EasyEditRunner, object, object]:
+    """A prepared runner for EasyEdit's ``method`` on a fresh tiny SmolLM2 with a quick YAML (``changes``); with the
+    model and tokenizer it edits."""
+    folder = _quick_yaml_folder(tmp_path / "hparams", method, **changes)
+    model, tok = tiny("smollm2")
+    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
+                         MethodChoice(f"easyedit:{method}", method))
+    return run, model, tok
+
+
 @pytest.mark.easyedit_head
 @pytest.mark.parametrize("path", _SHIPPED, ids=lambda p: p.parent.name)
 def test_shipped_yamls_load_with_easyedits_own_classes(head, path: Path) -> None:
@@ -297,11 +307,8 @@ def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, t
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    folder = _quick_yaml_folder(tmp_path / "hparams", "AlphaEdit", v_num_grad_steps=3)
-    model, tok = tiny("smollm2")
+    run, model, _ = _runner(tiny, tmp_path, "AlphaEdit", v_num_grad_steps=3)
     state = _model_state(model)
-    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
-                         MethodChoice("easyedit:AlphaEdit", "AlphaEdit"))
     run.prepare()
     assert Path(run.hparams.P_loc).is_file() and Path(run.hparams.P_loc).is_relative_to(tmp_path / "cache")
     alpha = method_module("AlphaEdit")
@@ -351,11 +358,8 @@ def test_grace_gets_one_record_per_call_keeps_its_codebook_across_chunks_and_is_
     monkeypatch.setitem(alg_dict.ALG_DICT, "GRACE", counting)
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    folder = _quick_yaml_folder(tmp_path / "hparams", "GRACE", n_iter=5)
-    model, tok = tiny("smollm2")
+    run, model, _ = _runner(tiny, tmp_path, "GRACE", n_iter=5)
     state = _model_state(model)
-    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
-                         MethodChoice("easyedit:GRACE", "GRACE"))
     run.prepare()
     run.edit(records[:2])
     adaptor = model.model.layers[6].mlp.down_proj
@@ -384,11 +388,8 @@ def test_lora_adapters_accumulate_and_their_training_setup_is_undone(head, tiny,
     effects (``peft_config``, gradient checkpointing, frozen weights, ``config.use_cache``)."""
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    folder = _quick_yaml_folder(tmp_path / "hparams", "LoRA", num_steps=2)
-    model, tok = tiny("smollm2")
+    run, model, _ = _runner(tiny, tmp_path, "LoRA", num_steps=2)
     state = _model_state(model)
-    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
-                         MethodChoice("easyedit:LoRA", "LoRA"))
     run.prepare()
     run.edit(records[:2])
     lora = model.model.layers[2].self_attn.q_proj
@@ -440,12 +441,9 @@ def test_easyedit_methods_see_the_padding_side_easyedits_editor_gives_them(head,
     monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     steps = {"num_steps": 1} if alg == "FT" else {"v_num_grad_steps": 1}
-    folder = _quick_yaml_folder(tmp_path / "hparams", method, **steps)
-    model, tok = tiny("smollm2")
+    run, _, tok = _runner(tiny, tmp_path, method, **steps)
     tok.padding_side = "right" if side == "left" else "left"
     before = tok.padding_side
-    run = EasyEditRunner(Bench(model, tok, "smollm2-135m", "zsre", easyedit_hparams=folder),
-                         MethodChoice(f"easyedit:{method}", method))
     run.prepare()
     try:
         run.edit(load_records(Path(zsre_eval_path), "zsre")[:2])
