@@ -104,7 +104,9 @@ def _child(saver: Saver, path: Path, seed: int, report: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "removing what an interrupted save left behind" is expected here
         folder = saver.save(path, seed)
-    report.write_text(json.dumps({"version": folder.name}))
+    partial = report.with_name(report.name + ".writing")  # a kill mid-write must leave no report, never an empty one
+    partial.write_text(json.dumps({"version": folder.name}))
+    os.replace(partial, report)
 
 
 def _plant_user_entries(root: Path, rng: random.Random, files: dict[str, bytes]) -> None:
