@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import json
 import re
 import sys
 import time
@@ -21,11 +22,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from .editing import WeightsSnapshot
 from .errors import MethodUnavailable
 from .families import Bench, FamilyRunner, MethodChoice, Training
-from .fileio import cache_dir
+from .fileio import cache_dir, save_safetensors_atomic, write_json_atomic
 from .records import EditRecord
 from .requests import to_edit_kwargs
 from .shipped import WIKITEXT2_TEST, easyedit_hparams_root
@@ -217,6 +219,33 @@ def module_state_undo(module: ModuleType) -> Callable[[], None]:
     return undo
 
 
+#: EasyEdit methods whose edits are new values of the model's own parameters plus their module's globals (they add
+#: no modules or hooks), so a run of them can be saved and continued in another process.
+PARAMETER_EDITING_METHODS = frozenset({"MEMIT", "AlphaEdit", "FT", "ROME", "R-ROME", "EMMET"})
+#: Module globals that are caches EasyEdit fills again from files on its next call (the covariance, AlphaEdit's
+#: ``P``, read from ``P_loc`` while ``P_loaded`` is false): not saved with a run's state.
+RELOADED_GLOBALS = frozenset({"COV_CACHE", "P", "P_loaded"})
+#: Files of :meth:`EasyEditRunner.save_state`.
+EDITED_FILE, GLOBALS_FILE, STATE_JSON = "edited.safetensors", "module_globals.safetensors", "easyedit_state.json"
+
+
+def _saved_globals(module: ModuleType) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The method module's globals a continued run needs: tensors, and the rest as JSON (refused if not JSON)."""
+    tensors, plain = {}, {}
+    for name, value in vars(module).items():
+        if name.startswith("__") or name in RELOADED_GLOBALS or not isinstance(value, _STATE_TYPES):
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().contiguous()
+            continue
+        try:
+            plain[name] = json.loads(json.dumps(value))
+        except TypeError:
+            raise TypeError(f"{module.__name__}.{name} ({type(value).__name__}) cannot be saved with the run's state; "
+                            "this method's runs start over") from None
+    return tensors, plain
+
+
 def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
@@ -355,6 +384,51 @@ class EasyEditRunner(FamilyRunner):
     def roll_back(self) -> None:
         super().roll_back()
         self.editor = None  # a fresh editor for the next edit: EasyEdit's holds the model it edited
+
+    @property
+    def resumable(self) -> bool:  # type: ignore[override]
+        """Methods that only change existing parameters and their module's globals (:data:`PARAMETER_EDITING_METHODS`)."""
+        return self.hparams is not None and self.hparams.alg_name in PARAMETER_EDITING_METHODS
+
+    def save_state(self, folder: Path) -> None:
+        """The parameters the edits changed, the method module's globals (AlphaEdit's ``cache_c``, the context
+        templates) and EasyEdit's own metrics so far."""
+        if not self.resumable:
+            super().save_state(folder)
+        self._capture_once()
+        folder = Path(folder)
+        tensors, plain = _saved_globals(method_module(self.hparams.alg_name))
+        save_safetensors_atomic(self.snapshot.changed(), folder / EDITED_FILE)
+        save_safetensors_atomic(tensors, folder / GLOBALS_FILE)
+        write_json_atomic(folder / STATE_JSON, {"alg_name": self.hparams.alg_name, "globals": plain,
+                                                "metrics": self.metrics})
+
+    @torch.no_grad()
+    def load_state(self, folder: Path) -> None:
+        """Put a saved run's edits into the unedited model and its globals into the method module; roll back undoes
+        both."""
+        if not self.resumable:
+            super().load_state(folder)
+        folder = Path(folder)
+        info = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        if info["alg_name"] != self.hparams.alg_name:
+            raise ValueError(f"{folder} holds a run of {info['alg_name']}, not of {self.hparams.alg_name}")
+        edited = load_file(str(folder / EDITED_FILE))
+        params = dict(self.bench.model.named_parameters())
+        wrong = sorted(n for n, t in edited.items() if n not in params or params[n].shape != t.shape)
+        if wrong:
+            raise ValueError(f"{folder / EDITED_FILE} holds parameters this model does not have: {wrong[:3]}")
+        self._capture_once()
+        for name, value in edited.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+        module = method_module(self.hparams.alg_name)
+        _, now = _saved_globals(module)
+        for name, value in info["globals"].items():
+            if now.get(name, object()) != value:  # constants stay the objects (tuples) the module made
+                setattr(module, name, value)
+        for name, value in load_file(str(folder / GLOBALS_FILE)).items():
+            setattr(module, name, value)
+        self.metrics = list(info["metrics"])
 
     def report(self) -> dict[str, Any]:
         return {"easyedit": summarise_metrics(self.metrics), "easyedit_mode": self.mode}

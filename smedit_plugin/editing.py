@@ -147,6 +147,11 @@ class WeightsSnapshot:
         for undo in reversed(self._undo):
             undo()
 
+    def changed(self) -> dict[str, torch.Tensor]:
+        """``{name: current value}`` of every captured parameter that differs from its capture (the edits so far)."""
+        return {name: self._params[name].detach() for name, saved in self._saved.items()
+                if not torch.equal(self._params[name].detach().to(saved.device), saved)}
+
     def as_weights_copy(self) -> dict[str, torch.Tensor]:
         """``{named_parameters name: pre-edit tensor}`` in the shape EasyEdit's restore expects."""
         return dict(self._saved)

@@ -76,8 +76,9 @@ class FamilyRunner(abc.ABC):
     #: Whether :meth:`prepare` trains (and so needs :class:`Training`).
     trains: ClassVar[bool] = False
     #: Whether :meth:`save_state` / :meth:`load_state` carry the edits made so far into another process, so that
-    #: a long run killed at any moment continues where it saved (else it starts over).
-    resumable: ClassVar[bool] = False
+    #: a long run killed at any moment continues where it saved (else it starts over). A class attribute, or a
+    #: property where it depends on the method (EasyEdit's).
+    resumable: bool = False
 
     def __init__(self, bench: Bench, choice: MethodChoice) -> None:
         self.bench, self.choice = bench, choice

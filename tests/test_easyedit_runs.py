@@ -339,6 +339,55 @@ def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, t
 
 
 @pytest.mark.easyedit_head
+def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit(head, tiny, zsre_eval_path,
+                                                                                      tmp_path, monkeypatch) -> None:
+    """Chunk 1, save, then chunk 2 in a fresh model and a reset EasyEdit = the two chunks in one run: the same weights,
+    the same ``cache_c`` and EasyEdit's metrics of both chunks; roll back then restores the unedited model and state."""
+    from smedit_plugin.easyedit_runs import method_module, module_state_undo
+
+    monkeypatch.setenv("SMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    alpha = method_module("AlphaEdit")
+    fresh_process = module_state_undo(alpha)  # EasyEdit's globals as a new process has them
+    run, model, _ = _runner(tiny, tmp_path, "AlphaEdit", v_num_grad_steps=3)
+    run.prepare()
+    assert run.resumable
+    torch.manual_seed(0)
+    run.edit(records[:2])
+    run.save_state(tmp_path / "state")
+    run.edit(records[2:])
+    whole = {n: p.detach().clone() for n, p in model.named_parameters()}
+    whole_cache = alpha.cache_c.clone()
+    run.roll_back()
+    fresh_process()
+
+    again, twin, _ = _runner(tiny, tmp_path / "again", "AlphaEdit", v_num_grad_steps=3)
+    state = _model_state(twin)
+    again.prepare()
+    again.load_state(tmp_path / "state")
+    assert len(again.metrics) == 2
+    torch.manual_seed(1)  # the context templates come from the saved state, not from sampling again
+    again.edit(records[2:])
+    assert all(torch.equal(whole[n], p) for n, p in twin.named_parameters())
+    assert torch.equal(alpha.cache_c, whole_cache) and len(again.metrics) == 4
+    again.roll_back()
+    _assert_same_model(state, twin)
+    assert not alpha.cache_c_new and not hasattr(alpha, "cache_c")
+
+
+@pytest.mark.easyedit_head
+def test_methods_that_add_modules_are_not_resumable(head, tiny, tmp_path) -> None:
+    """LoRA and GRACE put new modules into the model, which a parameter file cannot carry: their runs start over."""
+    for method in ("LoRA", "GRACE"):
+        run, _, _ = _runner(tiny, tmp_path / method, method)
+        run.prepare()
+        assert not run.resumable
+        with pytest.raises(NotImplementedError, match="start over"):
+            run.save_state(tmp_path / method / "state")
+
+
+@pytest.mark.easyedit_head
 def test_grace_gets_one_record_per_call_keeps_its_codebook_across_chunks_and_is_removed(head, tiny, zsre_eval_path,
                                                                                        tmp_path, monkeypatch) -> None:
     """GRACE through the runner: one record per apply call (EasyEdit's non-batchable path); chunk 2 adds to the codebook
