@@ -107,6 +107,26 @@ def test_score_sample_scores_a_seeded_subset_of_the_edited_facts(in_env, tmp_pat
     assert by_seed[0]["edit_ids"] != by_seed[1]["edit_ids"], "each seed draws its own edit targets"
 
 
+def test_hypernet_steps_replays_a_batch_cell_step_by_step_to_the_sweeps_scores(in_env, tmp_path) -> None:
+    """``benchmarks/hypernet_steps.py`` reloads a finished cell's archive and facts; its last step's scores are the
+    row's, and each step reports the shift it made."""
+    out = tmp_path / "steps-sweep"
+    (row,) = run_sweep(_config(in_env, out, methods=("SMEdit",), n_edits=(4,)))
+    report = tmp_path / "steps.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "hypernet_steps.py"),
+                           "--sweep", str(out), "--methods", "SMEdit", "--threads", "1", "--out", str(report)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(report.read_text())["results"]
+    steps = result["steps"]
+    assert [s["step"] for s in steps] == list(range(1, row["settings"]["edit"]["bp_steps"] + 1)) and len(steps) == 2
+    for key in ("efficacy", "generalization", "specificity", "portability"):
+        assert steps[-1][key] == pytest.approx(row[key], abs=1e-6), key
+    assert all(s["step_shift_mean"] > 0 and s["step_shift_max"] >= s["step_shift_mean"] for s in steps)
+    assert steps[0]["total_shift_mean"] == pytest.approx(steps[0]["step_shift_mean"])
+    assert "sweep row" in done.stdout
+
+
 def _sweep_command(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "smedit_plugin.cli", "sweep", "--model", "smollm2-135m", "--dataset", "zsre",
             "--eval-data", str(root / "eval.json"), "--train-data", str(root / "train.json"), "--methods", "COMEBA-HK",
