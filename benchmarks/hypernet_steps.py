@@ -41,41 +41,39 @@ def relative_sizes(shifts: dict[str, torch.Tensor], weights: dict[str, torch.Ten
 
 
 def step_through(model: Any, tok: Any, hp: Any, records: list, dataset: str, scoring: str) -> list[dict[str, Any]]:
-    """Edit ``records`` with ``hp``'s archive one BP step at a time (the steps of
-    :func:`~smedit_plugin.hypernet.editor.apply_steps`, a float32 model), scoring after each; a row per step.
-    Restores the weights."""
+    """Edit ``records`` with ``hp``'s archive through :func:`~smedit_plugin.hypernet.editor.apply_steps`, scoring
+    after each BP step; a row per step. Needs a float32 model (low-precision models step in float32 copies of the
+    weights that are only rounded back at the end). Restores the weights."""
     from smedit_plugin.hypernet.archive import load_archive
+    from smedit_plugin.hypernet.editor import apply_steps
 
-    editor, _ = load_archive(hp.archive, model, hp)
     modules = {n: model.get_submodule(n) for n in hp.edit_modules}
+    wrong = sorted({str(m.weight.dtype) for m in modules.values()} - {"torch.float32"})
+    if wrong:
+        raise SystemExit(f"this benchmark scores between BP steps and needs a float32 model, got {', '.join(wrong)}: "
+                         "load the model with model_dtype: float32")
+    editor, _ = load_archive(hp.archive, model, hp)
     original = {n: m.weight.detach().clone() for n, m in modules.items()}
-    mbs = editor.edit_micro_batches(tok, [r.prompt for r in records], [r.target_new for r in records])
-    flags = {n: m.weight.requires_grad for n, m in modules.items()}
-    rows = []
-    editor.set_normaliser_frozen(True)
-    try:
-        for m in modules.values():
-            m.weight.requires_grad_(True)
-        budget = editor.memory_budget()
-        prefix = editor.frozen_prefix(model, budget)
-        before = original
-        for step in range(hp.bp_steps):
-            editor.bp_step(model, mbs, step, update_normaliser=False, prefix=prefix, for_meta_backward=False,
-                           budget=budget)
-            now = {n: m.weight.detach().clone() for n, m in modules.items()}
-            total_mean, total_max = relative_sizes({n: now[n] - original[n] for n in now}, original)
-            step_mean, step_max = relative_sizes({n: now[n] - before[n] for n in now}, original)
-            before = now
+    rows: list[dict[str, Any]] = []
+    before = original
+
+    def after_step(step: int) -> None:
+        nonlocal before
+        now = {n: m.weight.detach().clone() for n, m in modules.items()}
+        total_mean, total_max = relative_sizes({n: now[n] - original[n] for n in now}, original)
+        step_mean, step_max = relative_sizes({n: now[n] - before[n] for n in now}, original)
+        before = now
+        with torch.no_grad():
             scored = evaluate_records(model, tok, records, dataset=dataset, scoring=scoring, progress=False)
-            rows.append({"step": step + 1, "step_shift_mean": step_mean, "step_shift_max": step_max,
-                         "total_shift_mean": total_mean, "total_shift_max": total_max,
-                         **{k: scored[k] for k in METRICS}})
-            print(json.dumps(rows[-1]), flush=True)
+        rows.append({"step": step + 1, "step_shift_mean": step_mean, "step_shift_max": step_max,
+                     "total_shift_mean": total_mean, "total_shift_max": total_max, **{k: scored[k] for k in METRICS}})
+        print(json.dumps(rows[-1]), flush=True)
+
+    try:
+        apply_steps(model, tok, editor, [r.prompt for r in records], [r.target_new for r in records], after_step)
     finally:
-        editor.set_normaliser_frozen(False)
         with torch.no_grad():
             for n, m in modules.items():
-                m.weight.requires_grad_(flags[n])
                 m.weight.copy_(original[n])
     return rows
 

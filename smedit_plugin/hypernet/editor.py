@@ -7,7 +7,7 @@ cache keys and value gradients of the edit tuples at the current weights, predic
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -225,12 +225,14 @@ class HypernetEditor(nn.Module):
 
 
 def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence[str],
-                targets: Sequence[str]) -> RoundingReport:
+                targets: Sequence[str], after_step: Optional[Callable[[int], None]] = None) -> RoundingReport:
     """``bp_steps`` cumulative BP steps on (prompt, target) tuples, the normaliser frozen.
 
     With ``fp32_edit_weights`` (default for bf16/fp16 models) the steps stack in float32 weights
     that are rounded once at the end; the report holds that rounding error (empty in float32), is kept
     for :func:`~smedit_plugin.precision.last_rounding` and logged (WARNING above 10 % of a module's update).
+    ``after_step(s)`` runs after step ``s`` (0-based) on the working weights, so a diagnostic can look at
+    each step of the real edit instead of repeating its set-up.
     """
     mbs = editor.edit_micro_batches(tok, prompts, targets)
     modules = {n: editor.edit_module(n) for n in editor.module_names}
@@ -246,6 +248,8 @@ def apply_steps(model: nn.Module, tok, editor: HypernetEditor, prompts: Sequence
             for s in range(editor.hparams.bp_steps):
                 editor.bp_step(model, mbs, s, update_normaliser=False, prefix=prefix, for_meta_backward=False,
                                budget=budget)
+                if after_step is not None:
+                    after_step(s)
     finally:
         editor.set_normaliser_frozen(False)
         for w, flag in zip(weights, flags):
