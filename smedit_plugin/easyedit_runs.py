@@ -32,21 +32,9 @@ from .records import EditRecord
 from .requests import to_edit_kwargs
 from .shipped import WIKITEXT2_TEST, easyedit_hparams_root
 
-EASYEDIT_PREFIX = "easyedit:"
-
 
 class EasyEditUnavailable(MethodUnavailable):
     """EasyEdit cannot run this method on this machine; the message says why (it goes into the result row)."""
-
-
-def split_method(name: str) -> tuple[bool, str]:
-    """``("easyedit:FT")`` -> ``(True, "FT")``; plugin methods -> ``(False, name)``."""
-    if name.lower().startswith(EASYEDIT_PREFIX):
-        inner = name[len(EASYEDIT_PREFIX):].strip()
-        if not inner:
-            raise ValueError(f"--methods entry {name!r} names no EasyEdit method; write e.g. easyedit:FT")
-        return True, inner
-    return False, name
 
 
 def _normalise(name: str) -> str:

@@ -27,7 +27,8 @@ from smedit_plugin.records import load_records
 from smedit_plugin.requests import to_requests
 from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file, editor_kwargs,
                                          import_runnable_easyedit, load_builtin_hparams, EasyEditRunner,
-                                         split_method, summarise_metrics)
+                                         summarise_metrics)
+from smedit_plugin.compare.config import split_method
 from smedit_plugin.evaluation import evaluate_records, score_answers
 
 
