@@ -9,6 +9,8 @@ summation order.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 from smedit_plugin.hypernet import network as network_module
 from smedit_plugin.hypernet.cache import ModuleCache
 from smedit_plugin.hypernet.editor import HypernetEditor, edit_batch
-from smedit_plugin.hypernet.spill import MemoryBudget, SpillFile
+from smedit_plugin.hypernet.spill import HostArena, MemoryBudget, SpillFile
 from smedit_plugin.hypernet.trainer import MetaTrainer
 from smedit_plugin.malmen2.hparams import MALMEN2HyperParams
 from smedit_plugin.records import load_records
@@ -216,6 +218,40 @@ def test_cache_reads_back_exactly_what_was_appended_across_memory_and_file(tmp_p
     assert budget.used == 0 and cache.n_rows == 0
     with pytest.raises(ValueError, match="empty"):
         cache.keys
+
+
+def test_kept_rows_share_a_few_slabs_and_a_released_cache_frees_its_own() -> None:
+    """Rows kept in memory are copies packed into the cache's own slabs (no thousands of small heap blocks), with
+    their values, dtypes and any alignment; a slab lives while any of its views does, never longer."""
+    gen = torch.Generator().manual_seed(5)
+    caches = [ModuleCache(), ModuleCache()]
+    blocks = [(torch.randn(3, 5, generator=gen), torch.randn(3, 7, generator=gen)) for _ in range(200)]
+    for keys, grads in blocks:
+        for cache in caches:
+            cache.append(keys, grads)
+    storages = {id(t.untyped_storage()) for b in caches[0]._blocks for t in b}
+    ptrs = {t.untyped_storage().data_ptr() for b in caches[0]._blocks for t in b}
+    assert len(ptrs) == 1 and len(storages) >= 1  # 200 micro-batches, one slab
+    other = {t.untyped_storage().data_ptr() for b in caches[1]._blocks for t in b}
+    assert other.isdisjoint(ptrs)  # each cache has its own slabs
+    assert torch.equal(caches[0].keys, torch.cat([b[0] for b in blocks]))
+    assert torch.equal(caches[0].value_grads, torch.cat([b[1] for b in blocks]))
+    assert all(k.data_ptr() != b[0].data_ptr() for (k, _), b in zip(caches[1]._blocks, blocks))  # copies
+    slabs = [weakref.ref(cache._arena._slab) for cache in caches]
+    caches[0].release()
+    gc.collect()
+    assert slabs[0]() is None and slabs[1]() is not None  # freed with its cache, the other cache's slab untouched
+
+    arena = HostArena(slab_bytes=256)
+    mixed = [torch.arange(3, dtype=torch.uint8), torch.randn(4, dtype=torch.float64), torch.randn(2, 3).bfloat16(),
+             torch.arange(5, dtype=torch.int64), torch.randn(100, dtype=torch.float32)]  # the last needs its own slab (400 bytes, 448 aligned)
+    kept = [arena.keep(t) for t in mixed]
+    for t, k in zip(mixed, kept):
+        assert k.dtype == t.dtype and k.shape == t.shape and torch.equal(k, t) and k.data_ptr() % t.element_size() == 0
+    assert len({k.untyped_storage().data_ptr() for k in kept[:4]}) == 1
+    assert kept[4].untyped_storage().nbytes() == 448 and kept[4].untyped_storage().data_ptr() != kept[0].untyped_storage().data_ptr()
+    meta = torch.empty(4, device="meta")
+    assert arena.keep(meta) is meta  # other devices keep their own allocators
 
 
 def test_spill_file_round_trips_any_dtype() -> None:

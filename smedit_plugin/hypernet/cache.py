@@ -18,7 +18,7 @@ from ..answers import AnswerRows, check_micro_batch
 from ..text import answer_mask
 from .losses import answer_cross_entropy
 from .prefix import FrozenPrefix, forward_context
-from .spill import MemoryBudget, SpillFile
+from .spill import HostArena, MemoryBudget, SpillFile
 
 DeviceLike = Union[str, torch.device]
 
@@ -42,6 +42,7 @@ class ModuleCache:
         self._reserved = 0
         self._files: Optional[tuple[SpillFile, SpillFile]] = None
         self._layout: Optional[tuple[int, int, torch.dtype, torch.device]] = None  # d_in, d_out, dtype, device
+        self._arena = HostArena()  # in-memory rows live in this cache's own slabs (see spill.py)
 
     @classmethod
     def of(cls, keys: Tensor, value_grads: Tensor) -> "ModuleCache":
@@ -67,7 +68,7 @@ class ModuleCache:
         nbytes = (keys.numel() + value_grads.numel()) * keys.element_size()
         if self._files is None and self._budget.reserve(nbytes):
             self._starts.append(self._memory_rows)
-            self._blocks.append((keys, value_grads))
+            self._blocks.append((self._arena.keep(keys), self._arena.keep(value_grads)))
             self._memory_rows += rows
             self._reserved += nbytes
         else:
@@ -171,6 +172,7 @@ class ModuleCache:
         self._budget.release(self._reserved)
         self._reserved = 0
         self._blocks, self._starts, self._memory_rows = [], [], 0
+        self._arena = HostArena()
         if self._files is not None:
             for file in self._files:
                 file.close()

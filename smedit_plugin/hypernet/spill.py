@@ -6,6 +6,11 @@ What grows with the number of facts in one training unit or edit — the cached 
 GPU on CUDA); past it, it is written to an anonymous temporary file (deleted when closed, and by the
 kernel if the process dies) and read back when used, as the reference implementations keep their whole
 cache on disk. The bytes are copied, never rounded: results do not depend on the budget.
+
+On the CPU the tensors kept in memory are copied into a few large slabs (:class:`HostArena`). Kept one by
+one, thousands of small long-lived tensors sit between the forward and backward temporaries on the C
+heap, which then cannot reuse or return the space between them: on SmolLM2 that fragmentation cost about
+as much resident memory again as the rows themselves and grew with the batch.
 """
 from __future__ import annotations
 
@@ -16,6 +21,41 @@ import torch
 from torch import Tensor
 
 MB = 2 ** 20
+#: bytes of one arena slab: above glibc's largest dynamic mmap threshold (32 MB on 64-bit), so every slab is
+#: its own mapping (returned to the system when freed) and its untouched tail is never resident
+SLAB_BYTES = 64 * MB
+#: byte alignment of every tensor in a slab (enough for any dtype's view)
+ALIGN = 64
+
+
+class HostArena:
+    """Copies long-lived CPU tensors into large slabs and hands out views of them.
+
+    A slab is freed when the last view into it is dropped; the arena itself only holds the slab it is
+    filling. Each holder (a module's cache, a pool of stored tensors) has its own arena, so what one holder
+    releases is not kept alive by another's views. Tensors on other devices are returned unchanged (device
+    allocators do not fragment this way).
+    """
+
+    def __init__(self, slab_bytes: int = SLAB_BYTES) -> None:
+        self.slab_bytes = slab_bytes
+        self._slab: Optional[Tensor] = None
+        self._used = 0
+
+    def keep(self, tensor: Tensor) -> Tensor:
+        """A copy of ``tensor`` inside a slab (same shape, dtype and values); non-CPU tensors as they are."""
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            return tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        span = -(-nbytes // ALIGN) * ALIGN
+        if self._slab is None or self._used + span > self._slab.numel():
+            self._slab = torch.empty(max(span, self.slab_bytes), dtype=torch.uint8)
+            self._used = 0
+        view = self._slab[self._used:self._used + nbytes].view(tensor.dtype).view(tensor.shape)
+        with torch.no_grad():
+            view.copy_(tensor.detach())
+        self._used += span
+        return view
 
 
 class SpillFile:
@@ -96,7 +136,7 @@ class Stored:
         self._tensor: Optional[Tensor] = None
         self._where: Optional[tuple[SpillFile, int]] = None
         if budget.reserve(self.nbytes):
-            self._tensor = tensor
+            self._tensor = spill.keep(tensor) if spill is not None else tensor
         else:
             pool = spill if spill is not None else SpillPool(budget)
             file = pool.file()
@@ -123,11 +163,17 @@ class Stored:
 
 
 class SpillPool:
-    """One spill file shared by many :class:`Stored` tensors, opened on first use and closed by :meth:`close`."""
+    """One spill file shared by many :class:`Stored` tensors, opened on first use and closed by :meth:`close`,
+    and one arena for the ones kept in memory (their own slabs, so they are freed with them)."""
 
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
         self._file: Optional[SpillFile] = None
+        self._arena = HostArena()
+
+    def keep(self, tensor: Tensor) -> Tensor:
+        """What a :class:`Stored` of this pool holds in memory: on the CPU a copy in the pool's own slabs."""
+        return self._arena.keep(tensor)
 
     def file(self) -> SpillFile:
         if self._file is None:
