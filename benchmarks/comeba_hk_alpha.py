@@ -77,7 +77,7 @@ def main() -> None:
             for layer, value in zip(layers, values):
                 layer.alpha.fill_(value)
         scored = evaluate_records(model, tok, records, dataset=cfg.dataset, locality="agreement",
-                                  reference=reference, progress=False)
+                                  reference=reference, progress=False, scoring=row["scoring"])
         quality = {"reliability": scored["efficacy"], "generality": scored["generalization"],
                    "locality": scored["specificity"], "portability": scored["portability"]}
         quality["average"] = (quality["reliability"] + quality["generality"] + quality["locality"]) / 3
