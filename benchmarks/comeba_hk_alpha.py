@@ -85,7 +85,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     print(format_table(["alpha", "reliability", "generality", "locality", "portability", "average"],
                 [[r["alpha"] if r["alpha"] != "saved" else "saved " + " / ".join(f"{a:.2f}" for a in saved)]
-                 + [f"{r[k]:.3f}" for k in ("reliability", "generality", "locality", "portability", "average")]
+                 + [f"{r[k]:.3f}" if r[k] is not None else "-"
+                    for k in ("reliability", "generality", "locality", "portability", "average")]
                  for r in results]))
     args.out.write_text(json.dumps({"sweep": str(args.sweep), "method": args.method, "layers": controller.info["layers"],
                                     "n_edits": row["total"], "scored": len(records),
