@@ -134,6 +134,7 @@ class ModuleCache:
         if self._files is None and len(self._blocks) > 1:
             self._blocks = [self.rows(0, self.n_rows)]
             self._starts = [0]
+            self._arena = HostArena()  # the merged rows replace the slabs; do not keep the last one alive
         return self.rows(0, self.n_rows)
 
     @property
