@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 from smedit_plugin.comeba_hk import apply_comeba_hk_to_model, load_hook_state, save_hook_state  # noqa: E402
 from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer  # noqa: E402
-from smedit_plugin.comeba_hk.scope import swap_mask  # noqa: E402
 from smedit_plugin.comeba_hk.state import find_state  # noqa: E402
 from smedit_plugin.evaluation import evaluate_records, predict_locality_reference, score_answers  # noqa: E402
 from smedit_plugin.hparams import load_method_hparams  # noqa: E402
@@ -90,10 +89,7 @@ class SwapRecorder:
             if layer.mode != "validated":
                 self.masks[k] = None
                 return
-            norms = torch.linalg.vector_norm(layer.shift(args[0]), dim=-1)
-            norms2d = norms.reshape(-1, norms.shape[-1])
-            valid = layer.scope.valid_for(norms2d.shape[0], norms2d.shape[1], norms.device)
-            self.masks[k] = swap_mask(norms2d, valid, layer.alpha, layer.ddof)[0].cpu()
+            self.masks[k] = layer.swapped(layer.shift(args[0])).reshape(-1, args[0].shape[-2])[0].cpu()
         return hook
 
     def remove(self) -> None:

@@ -36,7 +36,6 @@ from safetensors.torch import load_file  # noqa: E402
 
 from smedit_plugin.comeba_hk import load_hook_state  # noqa: E402
 from smedit_plugin.comeba_hk.hook_layers import HOOK_ATTR, HookLayer  # noqa: E402
-from smedit_plugin.comeba_hk.scope import swap_mask  # noqa: E402
 from smedit_plugin.comeba_hk.state import remove_hook_layers  # noqa: E402
 from smedit_plugin.compare.sweep import records_by_id  # noqa: E402
 from smedit_plugin.compare.sweep_cell import load_config  # noqa: E402
@@ -87,9 +86,7 @@ class OutputShift:
             layer: Optional[HookLayer] = getattr(module, HOOK_ATTR, None)
             if layer is not None and layer.with_hook and layer.mode == "validated":
                 hook_shift = layer.shift(keys)
-                norms = torch.linalg.vector_norm(hook_shift, dim=-1).unsqueeze(0)
-                valid = layer.scope.valid_for(1, norms.shape[1], norms.device)
-                swapped = swap_mask(norms, valid, layer.alpha, layer.ddof)[0]
+                swapped = layer.swapped(hook_shift)
                 shift = shift + swapped.unsqueeze(-1) * hook_shift
             self.last[name] = {"base": torch.linalg.vector_norm(base, dim=-1),
                                "shift": torch.linalg.vector_norm(shift, dim=-1), "swapped": swapped}

@@ -72,8 +72,10 @@ def test_validated_swaps_only_high_zscore_tokens_temporary_swaps_all() -> None:
     seen = {}
 
     def probe(name):
-        def hook(_m, _args, out):
+        def hook(_m, args, out):
             seen[name] = out.detach().clone()
+            if name == "hooked" and layers[0].mode == "validated":  # the test tools outside the hook use
+                seen["swapped"] = layers[0].swapped(layers[0].shift(args[0]))
         return hook
 
     handles = [model.get_submodule(NAMES[0]).register_forward_hook(probe("hooked")),
@@ -82,6 +84,7 @@ def test_validated_swaps_only_high_zscore_tokens_temporary_swaps_all() -> None:
     _logits(plain, ids)
     changed = (seen["hooked"] != seen["plain"]).any(-1)[0]
     assert 0 < int(changed.sum()) < ids.shape[1] // 2
+    assert torch.equal(seen["swapped"][0], changed)
     set_mode(layers, "temporary")
     _logits(model, ids)
     assert bool((seen["hooked"] != seen["plain"]).any(-1).all())
@@ -154,8 +157,10 @@ def test_bos_is_left_out_of_the_statistics() -> None:
     seen = {}
 
     def probe(name):
-        def hook(_m, _args, out):
+        def hook(_m, args, out):
             seen[name] = out.detach().clone()
+            if name == "hooked" and layers[0].mode == "validated":  # the test tools outside the hook use
+                seen["swapped"] = layers[0].swapped(layers[0].shift(args[0]))
         return hook
 
     for name, m in (("all", model), ("masked", masked), ("plain", plain)):

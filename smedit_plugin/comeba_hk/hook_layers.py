@@ -123,16 +123,25 @@ class HookLayer(nn.Module):
         shift = self.shift(args[0])
         if self.mode == "temporary":
             return output + shift.to(output.dtype)
-        norms = torch.linalg.vector_norm(shift, dim=-1, dtype=torch.float32)
-        batch_shape = norms.shape
-        norms2d = norms.reshape(-1, batch_shape[-1])
-        valid = self.scope.valid_for(norms2d.shape[0], norms2d.shape[1], norms.device)
+        norms, valid = self._scope_inputs(shift)
         if self.mode in ("recording", "calibrating"):
-            self.recorded.append(max_zscore(norms2d, valid, self.ddof).detach())
+            self.recorded.append(max_zscore(norms, valid, self.ddof).detach())
             if self.mode == "recording":
                 return None
-        swap = swap_mask(norms2d, valid, self.alpha, self.ddof).reshape(batch_shape)
+        swap = swap_mask(norms, valid, self.alpha, self.ddof).reshape(shift.shape[:-1])
         return torch.where(swap.unsqueeze(-1), output + shift.to(output.dtype), output)
+
+    def _scope_inputs(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||delta_w k||`` per token as ``[sequences, tokens]`` (float32) and the scope's valid-token mask."""
+        norms = torch.linalg.vector_norm(shift, dim=-1, dtype=torch.float32)
+        norms = norms.reshape(-1, norms.shape[-1])
+        return norms, self.scope.valid_for(norms.shape[0], norms.shape[1], norms.device)
+
+    def swapped(self, shift: torch.Tensor) -> torch.Tensor:
+        """Which tokens the validated hook moves, given their ``shift = delta_w k`` (``[..., tokens, d_out]``):
+        the one scope test, for tools that measure the hook from outside (shape ``[..., tokens]``)."""
+        norms, valid = self._scope_inputs(shift)
+        return swap_mask(norms, valid, self.alpha, self.ddof).reshape(shift.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, hook={self.with_hook}, f={self.c_accu.shape[0]}"
