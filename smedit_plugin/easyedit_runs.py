@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from .editing import WeightsSnapshot
 from .errors import MethodUnavailable
 from .families import Bench, FamilyRunner, MethodChoice, Training
-from .fileio import cache_dir, save_safetensors_atomic, write_json_atomic
+from .fileio import atomic_path, cache_dir, save_safetensors_atomic, write_json_atomic
 from .records import EditRecord
 from .requests import to_edit_kwargs
 from .shipped import WIKITEXT2_TEST, easyedit_hparams_root
@@ -104,7 +104,6 @@ def seed_covariance_from_text(hparams: Any, model: torch.nn.Module, tok: Any, te
     Existing files are kept.
     """
     from .comeba_hk.covariance import collect_second_moments, read_documents
-    from .fileio import atomic_path
 
     layers = list(hparams.layers)
     files = {layer: easyedit_stats_file(hparams, model, layer) for layer in layers}
@@ -154,8 +153,6 @@ def write_null_space(hparams: Any, model: torch.nn.Module, tok: Any, path: Path)
     working folder and keeps recomputing it on every call unless ``P_loc`` names that file; a stale file there
     from another model would be loaded without a check. So the runner computes it once into its cache.
     """
-    from .fileio import atomic_path
-
     if path.is_file():
         return
     project = method_module(hparams.alg_name).get_project
@@ -210,11 +207,18 @@ def module_state_undo(module: ModuleType) -> Callable[[], None]:
 #: EasyEdit methods whose edits are new values of the model's own parameters plus their module's globals (they add
 #: no modules or hooks), so a run of them can be saved and continued in another process.
 PARAMETER_EDITING_METHODS = frozenset({"MEMIT", "AlphaEdit", "FT", "ROME", "R-ROME", "EMMET"})
+#: EasyEdit methods whose edits live in one module they put in place of a layer of the model, by the names (in the
+#: method's modules) of the class that puts it there and of its class: GRACE's codebook adaptor. A run's state holds
+#: that module's own tensors and attributes; loading it lets the method put a fresh adaptor in place, then fills it.
+ADAPTOR_METHODS = {"GRACE": ("GRACE", "GRACEAdapter")}
 #: Module globals that are caches EasyEdit fills again from files on its next call (the covariance, AlphaEdit's
 #: ``P``, read from ``P_loc`` while ``P_loaded`` is false): not saved with a run's state.
 RELOADED_GLOBALS = frozenset({"COV_CACHE", "P", "P_loaded"})
 #: Files of :meth:`EasyEditRunner.save_state`.
 EDITED_FILE, GLOBALS_FILE, STATE_JSON = "edited.safetensors", "module_globals.safetensors", "easyedit_state.json"
+#: The adaptor of an :data:`ADAPTOR_METHODS` run, and the random number generators' states (GRACE draws values with
+#: ``torch.rand`` in every forward, so a continued run needs the stream where the saved run left it).
+ADAPTOR_FILE, RNG_FILE = "adaptor.pt", "rng.safetensors"
 
 
 def _saved_globals(module: ModuleType) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -232,6 +236,73 @@ def _saved_globals(module: ModuleType) -> tuple[dict[str, torch.Tensor], dict[st
             raise TypeError(f"{module.__name__}.{name} ({type(value).__name__}) cannot be saved with the run's state; "
                             "this method's runs start over") from None
     return tensors, plain
+
+
+def _adaptor_classes(alg_name: str) -> tuple[type, type]:
+    """(the class that installs the adaptor, the adaptor's class) of an :data:`ADAPTOR_METHODS` method."""
+    installer_name, adaptor_name = ADAPTOR_METHODS[alg_name]
+    installer = getattr(method_module(alg_name), installer_name)
+    return installer, getattr(sys.modules[installer.__module__], adaptor_name)
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with every tensor in it detached (lists, tuples and dicts followed), for a ``weights_only`` file."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def adaptor_state(model: torch.nn.Module, alg_name: str) -> Optional[dict[str, Any]]:
+    """The adaptor an :data:`ADAPTOR_METHODS` method put into ``model`` (None before its first edit): its module
+    name, its own parameters (not the wrapped layer's) and its other attributes except the hparams and device."""
+    _, adaptor_class = _adaptor_classes(alg_name)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, adaptor_class)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{alg_name} put {len(found)} adaptors into the model ({[n for n, _ in found]}); "
+                         "a run's state carries one")
+    name, adaptor = found[0]
+    wrapped = {id(p) for child in adaptor.children() for p in child.parameters()}
+    return {"name": name,
+            "parameters": {k: (p.detach(), p.requires_grad) for k, p in adaptor._parameters.items()
+                           if p is not None and id(p) not in wrapped},
+            "attributes": {k: _detached(v) for k, v in vars(adaptor).items()
+                           if not k.startswith("_") and k not in ("config", "device")}}
+
+
+def install_adaptor(model: torch.nn.Module, hparams: Any, saved: dict[str, Any]) -> None:
+    """Let the method put a fresh adaptor into ``model`` (as its first edit does), then give it ``saved``'s state."""
+    installer, adaptor_class = _adaptor_classes(hparams.alg_name)
+    installer(model=model, config=hparams, device=next(model.parameters()).device)
+    adaptor = model.get_submodule(saved["name"])
+    if not isinstance(adaptor, adaptor_class):
+        raise ValueError(f"{hparams.alg_name} put its adaptor elsewhere than the saved run's {saved['name']!r}: "
+                         "the state comes from other hparams")
+    device = adaptor.weight.device
+    for key, (value, grad) in saved["parameters"].items():
+        setattr(adaptor, key, torch.nn.Parameter(value.to(device), requires_grad=grad))
+    for key, value in saved["attributes"].items():
+        setattr(adaptor, key, value)
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and each CUDA device's when CUDA is in use."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"cuda:{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted((k for k in states if k.startswith("cuda:")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -375,12 +446,14 @@ class EasyEditRunner(FamilyRunner):
 
     @property
     def resumable(self) -> bool:  # type: ignore[override]
-        """Methods that only change existing parameters and their module's globals (:data:`PARAMETER_EDITING_METHODS`)."""
-        return self.hparams is not None and self.hparams.alg_name in PARAMETER_EDITING_METHODS
+        """Methods that only change existing parameters and their module's globals (:data:`PARAMETER_EDITING_METHODS`),
+        and those whose edits live in one adaptor module (:data:`ADAPTOR_METHODS`)."""
+        return self.hparams is not None and (self.hparams.alg_name in PARAMETER_EDITING_METHODS
+                                             or self.hparams.alg_name in ADAPTOR_METHODS)
 
     def save_state(self, folder: Path) -> None:
-        """The parameters the edits changed, the method module's globals (AlphaEdit's ``cache_c``, the context
-        templates) and EasyEdit's own metrics so far."""
+        """The parameters the edits changed, an adaptor method's adaptor, the method module's globals (AlphaEdit's
+        ``cache_c``, the context templates), the random number generators and EasyEdit's own metrics so far."""
         if not self.resumable:
             super().save_state(folder)
         self._capture_once()
@@ -388,6 +461,10 @@ class EasyEditRunner(FamilyRunner):
         tensors, plain = _saved_globals(method_module(self.hparams.alg_name))
         save_safetensors_atomic(self.snapshot.changed(), folder / EDITED_FILE)
         save_safetensors_atomic(tensors, folder / GLOBALS_FILE)
+        save_safetensors_atomic(rng_states(), folder / RNG_FILE)
+        if self.hparams.alg_name in ADAPTOR_METHODS:
+            with atomic_path(folder / ADAPTOR_FILE) as tmp:
+                torch.save(adaptor_state(self.bench.model, self.hparams.alg_name), tmp)
         write_json_atomic(folder / STATE_JSON, {"alg_name": self.hparams.alg_name, "globals": plain,
                                                 "metrics": self.metrics})
 
@@ -416,6 +493,13 @@ class EasyEditRunner(FamilyRunner):
                 setattr(module, name, value)
         for name, value in load_file(str(folder / GLOBALS_FILE)).items():
             setattr(module, name, value)
+        if self.hparams.alg_name in ADAPTOR_METHODS:
+            device = next(self.bench.model.parameters()).device
+            saved = torch.load(folder / ADAPTOR_FILE, map_location=device, weights_only=True)
+            if saved is not None:
+                install_adaptor(self.bench.model, self.hparams, saved)
+        if (folder / RNG_FILE).is_file():  # states written before it existed continue without it
+            set_rng_states(load_file(str(folder / RNG_FILE)))
         self.metrics = list(info["metrics"])
 
     def report(self) -> dict[str, Any]:

@@ -378,14 +378,57 @@ def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_f
 
 
 @pytest.mark.easyedit_head
-def test_methods_that_add_modules_are_not_resumable(head, tiny, tmp_path) -> None:
-    """LoRA and GRACE put new modules into the model, which a parameter file cannot carry: their runs start over."""
-    for method in ("LoRA", "GRACE"):
-        run, _, _ = _runner(tiny, tmp_path / method, method)
-        run.prepare()
-        assert not run.resumable
-        with pytest.raises(NotImplementedError, match="start over"):
-            run.save_state(tmp_path / method / "state")
+def test_lora_is_not_resumable(head, tiny, tmp_path) -> None:
+    """LoRA wraps the model in PEFT's model, which a run's state does not carry: its runs start over."""
+    run, _, _ = _runner(tiny, tmp_path, "LoRA")
+    run.prepare()
+    assert not run.resumable
+    with pytest.raises(NotImplementedError, match="start over"):
+        run.save_state(tmp_path / "state")
+
+
+def _codebook(model) -> tuple:
+    adaptor = model.model.layers[6].mlp.down_proj
+    return (adaptor.keys.clone(), adaptor.values.detach().clone(), adaptor.epsilons.clone(),
+            copy.deepcopy(adaptor.edit_ids), [t.clone() for t in adaptor.key_labels], adaptor.key_id)
+
+
+@pytest.mark.easyedit_head
+def test_a_grace_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit(head, tiny, zsre_eval_path,
+                                                                                  tmp_path, monkeypatch) -> None:
+    """GRACE's codebook adaptor goes into the state: chunk 1, save, chunk 2 in a fresh model = both chunks in one run
+    (the same keys, values, radii, labels and key position, the same outputs; GRACE draws ``torch.rand`` in every
+    forward, so the generator's state is part of it), and roll back removes the installed adaptor."""
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    run, model, tok = _runner(tiny, tmp_path, "GRACE", n_iter=5)
+    run.prepare()
+    assert run.resumable
+    torch.manual_seed(0)
+    run.edit(records[:2])
+    run.save_state(tmp_path / "state")
+    run.edit(records[2:])
+    whole = _codebook(model)
+    ids = tok(records[3].prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        whole_logits = model(input_ids=ids).logits
+    run.roll_back()
+
+    again, twin, _ = _runner(tiny, tmp_path / "again", "GRACE", n_iter=5)
+    state = _model_state(twin)
+    again.prepare()
+    torch.manual_seed(123)  # the generator's state comes from the saved run
+    again.load_state(tmp_path / "state")
+    assert len(again.metrics) == 2 and len(twin.model.layers[6].mlp.down_proj.keys) == 2
+    again.edit(records[2:])
+    resumed = _codebook(twin)
+    assert all(torch.equal(a, b) for a, b in zip(whole[:3], resumed[:3]))
+    assert whole[3] == resumed[3] and all(torch.equal(a, b) for a, b in zip(whole[4], resumed[4]))
+    assert int(whole[5]) == int(resumed[5])
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, whole_logits)
+    again.roll_back()
+    _assert_same_model(state, twin)
 
 
 @pytest.mark.easyedit_head
