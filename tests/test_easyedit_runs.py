@@ -339,6 +339,19 @@ def test_alphaedit_chunks_accumulate_as_easyedits_own_sequential_editing(head, t
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
+def _two_chunks_saved_between(tiny, tmp_path: Path, method: str, records, **changes) -> tuple:
+    """A resumable run of ``method`` that edits ``records[:2]``, saves its state to ``tmp_path/state``, then edits
+    ``records[2:]``; with its model and tokenizer."""
+    run, model, tok = _runner(tiny, tmp_path, method, **changes)
+    run.prepare()
+    assert run.resumable
+    torch.manual_seed(0)
+    run.edit(records[:2])
+    run.save_state(tmp_path / "state")
+    run.edit(records[2:])
+    return run, model, tok
+
+
 @pytest.mark.easyedit_head
 def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit(head, tiny, zsre_eval_path,
                                                                                       tmp_path, monkeypatch) -> None:
@@ -351,13 +364,7 @@ def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_f
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
     alpha = method_module("AlphaEdit")
     fresh_process = module_state_undo(alpha)  # EasyEdit's globals as a new process has them
-    run, model, _ = _runner(tiny, tmp_path, "AlphaEdit", v_num_grad_steps=3)
-    run.prepare()
-    assert run.resumable
-    torch.manual_seed(0)
-    run.edit(records[:2])
-    run.save_state(tmp_path / "state")
-    run.edit(records[2:])
+    run, model, _ = _two_chunks_saved_between(tiny, tmp_path, "AlphaEdit", records, v_num_grad_steps=3)
     whole = {n: p.detach().clone() for n, p in model.named_parameters()}
     whole_cache = alpha.cache_c.clone()
     run.roll_back()
@@ -401,13 +408,7 @@ def test_a_grace_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bi
     forward, so the generator's state is part of it), and roll back removes the installed adaptor."""
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    run, model, tok = _runner(tiny, tmp_path, "GRACE", n_iter=5)
-    run.prepare()
-    assert run.resumable
-    torch.manual_seed(0)
-    run.edit(records[:2])
-    run.save_state(tmp_path / "state")
-    run.edit(records[2:])
+    run, model, tok = _two_chunks_saved_between(tiny, tmp_path, "GRACE", records, n_iter=5)
     whole = _codebook(model)
     ids = tok(records[3].prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
