@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import io
 import json
 import re
 import sys
@@ -211,6 +212,11 @@ PARAMETER_EDITING_METHODS = frozenset({"MEMIT", "AlphaEdit", "FT", "ROME", "R-RO
 #: method's modules) of the class that puts it there and of its class: GRACE's codebook adaptor. A run's state holds
 #: that module's own tensors and attributes; loading it lets the method put a fresh adaptor in place, then fills it.
 ADAPTOR_METHODS = {"GRACE": ("GRACE", "GRACEAdapter")}
+#: EasyEdit methods that wrap the model in a model of their own on their first edit, by the name of the method module's
+#: function that does it (and, given no records and no steps, only that): LoRA puts PEFT's model around it and
+#: adapters into its layers. A run's state holds the new parameters; loading it lets the method wrap the model, then
+#: fills them.
+WRAPPING_METHODS = {"LoRA": "execute_lora"}
 #: Module globals that are caches EasyEdit fills again from files on its next call (the covariance, AlphaEdit's
 #: ``P``, read from ``P_loc`` while ``P_loaded`` is false): not saved with a run's state.
 RELOADED_GLOBALS = frozenset({"COV_CACHE", "P", "P_loaded"})
@@ -219,6 +225,8 @@ EDITED_FILE, GLOBALS_FILE, STATE_JSON = "edited.safetensors", "module_globals.sa
 #: The adaptor of an :data:`ADAPTOR_METHODS` run, and the random number generators' states (GRACE draws values with
 #: ``torch.rand`` in every forward, so a continued run needs the stream where the saved run left it).
 ADAPTOR_FILE, RNG_FILE = "adaptor.pt", "rng.safetensors"
+#: The parameters a :data:`WRAPPING_METHODS` run added to the model (LoRA's adapters).
+ADDED_FILE = "added.safetensors"
 
 
 def _saved_globals(module: ModuleType) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -374,6 +382,7 @@ class EasyEditRunner(FamilyRunner):
         self.metrics: list[dict[str, Any]] = []
         self.mode = ""
         self._seconds = 0.0
+        self._wrapped: Optional[torch.nn.Module] = None  # what a loaded state of a wrapping method edits next
 
     def prepare(self, training: Optional[Training] = None) -> dict[str, Any]:
         """EasyEdit's hparams (its own YAML unless given), with the covariance cache seeded from local text."""
@@ -408,7 +417,7 @@ class EasyEditRunner(FamilyRunner):
         hparams = self.hparams
         if any(f.name == "batch_size" for f in dataclasses.fields(hparams)):  # ROME's class has none
             hparams = dataclasses.replace(hparams, batch_size=chunk_size if self._batchable else 1)
-        editor = load_editor(hparams, self.bench.model, self.bench.tok)
+        editor = load_editor(hparams, self._wrapped or self.bench.model, self.bench.tok)
         apply = editor.apply_algo
 
         def timed_apply(*args: Any, **kwargs: Any) -> Any:
@@ -443,17 +452,21 @@ class EasyEditRunner(FamilyRunner):
     def roll_back(self) -> None:
         super().roll_back()
         self.editor = None  # a fresh editor for the next edit: EasyEdit's holds the model it edited
+        self._wrapped = None
 
     @property
     def resumable(self) -> bool:  # type: ignore[override]
         """Methods that only change existing parameters and their module's globals (:data:`PARAMETER_EDITING_METHODS`),
-        and those whose edits live in one adaptor module (:data:`ADAPTOR_METHODS`)."""
+        those whose edits live in one adaptor module (:data:`ADAPTOR_METHODS`) and those that wrap the model
+        (:data:`WRAPPING_METHODS`)."""
         return self.hparams is not None and (self.hparams.alg_name in PARAMETER_EDITING_METHODS
-                                             or self.hparams.alg_name in ADAPTOR_METHODS)
+                                             or self.hparams.alg_name in ADAPTOR_METHODS
+                                             or self.hparams.alg_name in WRAPPING_METHODS)
 
     def save_state(self, folder: Path) -> None:
-        """The parameters the edits changed, an adaptor method's adaptor, the method module's globals (AlphaEdit's
-        ``cache_c``, the context templates), the random number generators and EasyEdit's own metrics so far."""
+        """The parameters the edits changed or added, an adaptor method's adaptor, the method module's globals
+        (AlphaEdit's ``cache_c``, the context templates), the random number generators and EasyEdit's own metrics so
+        far."""
         if not self.resumable:
             super().save_state(folder)
         self._capture_once()
@@ -462,6 +475,8 @@ class EasyEditRunner(FamilyRunner):
         save_safetensors_atomic(self.snapshot.changed(), folder / EDITED_FILE)
         save_safetensors_atomic(tensors, folder / GLOBALS_FILE)
         save_safetensors_atomic(rng_states(), folder / RNG_FILE)
+        if self.hparams.alg_name in WRAPPING_METHODS:
+            save_safetensors_atomic(self.snapshot.added(), folder / ADDED_FILE)
         if self.hparams.alg_name in ADAPTOR_METHODS:
             with atomic_path(folder / ADAPTOR_FILE) as tmp:
                 torch.save(adaptor_state(self.bench.model, self.hparams.alg_name), tmp)
@@ -498,9 +513,28 @@ class EasyEditRunner(FamilyRunner):
             saved = torch.load(folder / ADAPTOR_FILE, map_location=device, weights_only=True)
             if saved is not None:
                 install_adaptor(self.bench.model, self.hparams, saved)
+        if self.hparams.alg_name in WRAPPING_METHODS:
+            self._wrap_with(load_file(str(folder / ADDED_FILE)))
         if (folder / RNG_FILE).is_file():  # states written before it existed continue without it
             set_rng_states(load_file(str(folder / RNG_FILE)))
         self.metrics = list(info["metrics"])
+
+    def _wrap_with(self, added: dict[str, torch.Tensor]) -> None:
+        """Let the method wrap the model as its first edit does (no records, no steps), then give the parameters it
+        added the saved values; the wrapping model is what the next edit edits (as the editor's model would be)."""
+        if not added:  # saved before the first edit
+            return
+        wrap = getattr(method_module(self.hparams.alg_name), WRAPPING_METHODS[self.hparams.alg_name])
+        with contextlib.redirect_stdout(io.StringIO()):  # its count of trainable parameters
+            wrapped = wrap(self.bench.model, self.bench.tok, [], dataclasses.replace(self.hparams, num_steps=0))
+        params = dict(self.bench.model.named_parameters())
+        wrong = sorted(n for n, t in added.items() if n not in params or params[n].shape != t.shape)
+        if wrong or set(self.snapshot.added()) != set(added):
+            raise ValueError(f"{self.hparams.alg_name} added other parameters than the saved run's "
+                             f"(e.g. {(wrong or sorted(added))[:3]}): the state comes from other hparams")
+        for name, value in added.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+        self._wrapped = wrapped
 
     def report(self) -> dict[str, Any]:
         return {"easyedit": summarise_metrics(self.metrics), "easyedit_mode": self.mode}

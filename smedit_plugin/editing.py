@@ -152,6 +152,12 @@ class WeightsSnapshot:
         return {name: self._params[name].detach() for name, saved in self._saved.items()
                 if not torch.equal(self._params[name].detach().to(saved.device), saved)}
 
+    def added(self) -> dict[str, torch.Tensor]:
+        """``{name: value}`` of the model's parameters that none of the captured ones is (those of modules an edit
+        put into the model since, e.g. LoRA's adapters), under their ``named_parameters`` names now."""
+        known = {id(p) for p in self._params.values()}
+        return {name: p.detach() for name, p in self.model.named_parameters() if id(p) not in known}
+
     def as_weights_copy(self) -> dict[str, torch.Tensor]:
         """``{named_parameters name: pre-edit tensor}`` in the shape EasyEdit's restore expects."""
         return dict(self._saved)

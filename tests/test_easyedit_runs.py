@@ -385,13 +385,36 @@ def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_f
 
 
 @pytest.mark.easyedit_head
-def test_lora_is_not_resumable(head, tiny, tmp_path) -> None:
-    """LoRA wraps the model in PEFT's model, which a run's state does not carry: its runs start over."""
-    run, _, _ = _runner(tiny, tmp_path, "LoRA")
-    run.prepare()
-    assert not run.resumable
-    with pytest.raises(NotImplementedError, match="start over"):
-        run.save_state(tmp_path / "state")
+def test_a_lora_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit(head, tiny, zsre_eval_path,
+                                                                                 tmp_path, monkeypatch) -> None:
+    """LoRA's adapters go into the state: chunk 1, save, chunk 2 in a fresh model (which LoRA wraps in PEFT's model
+    again at load) = both chunks in one run, with dropout drawing from the restored generator; roll back removes
+    PEFT from the fresh model."""
+    monkeypatch.chdir(tmp_path)
+    records = load_records(Path(zsre_eval_path), "zsre")[:4]
+    run, model, tok = _two_chunks_saved_between(tiny, tmp_path, "LoRA", records, num_steps=2)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    ids = tok(records[3].prompt, return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        whole_logits = model(input_ids=ids).logits
+    run.roll_back()
+
+    again, twin, _ = _runner(tiny, tmp_path / "again", "LoRA", num_steps=2)
+    state = _model_state(twin)
+    again.prepare()
+    torch.manual_seed(123)  # the generator's state comes from the saved run
+    again.load_state(tmp_path / "state")
+    assert len(again.metrics) == 2 and hasattr(twin, "peft_config")
+    again.edit(records[2:])
+    resumed = {n: p.detach() for n, p in twin.named_parameters() if "lora_" in n}
+    assert adapters and resumed.keys() == adapters.keys()
+    assert all(torch.equal(adapters[n], resumed[n]) for n in adapters)
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids).logits, whole_logits)
+    again.roll_back()
+    _assert_same_model(state, twin)
 
 
 def _codebook(model) -> tuple:
