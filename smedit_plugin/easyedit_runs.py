@@ -499,6 +499,14 @@ class EasyEditRunner(FamilyRunner):
         if wrong:
             raise ValueError(f"{folder / EDITED_FILE} holds parameters this model does not have: {wrong[:3]}")
         self._capture_once()
+        try:
+            self._load_into_model(folder, info, edited, params)
+        except BaseException:
+            self.roll_back()  # a load that fails midway leaves the unedited model and globals
+            raise
+
+    def _load_into_model(self, folder: Path, info: dict[str, Any], edited: dict[str, torch.Tensor],
+                         params: dict[str, torch.nn.Parameter]) -> None:
         for name, value in edited.items():
             params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
         module = method_module(self.hparams.alg_name)
@@ -528,10 +536,11 @@ class EasyEditRunner(FamilyRunner):
         with contextlib.redirect_stdout(io.StringIO()):  # its count of trainable parameters
             wrapped = wrap(self.bench.model, self.bench.tok, [], dataclasses.replace(self.hparams, num_steps=0))
         params = dict(self.bench.model.named_parameters())
-        wrong = sorted(n for n, t in added.items() if n not in params or params[n].shape != t.shape)
-        if wrong or set(self.snapshot.added()) != set(added):
+        wrong = (sorted(set(self.snapshot.added()) ^ set(added))
+                 or sorted(n for n, t in added.items() if params[n].shape != t.shape))
+        if wrong:
             raise ValueError(f"{self.hparams.alg_name} added other parameters than the saved run's "
-                             f"(e.g. {(wrong or sorted(added))[:3]}): the state comes from other hparams")
+                             f"(e.g. {wrong[:3]}): the state comes from other hparams")
         for name, value in added.items():
             params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
         self._wrapped = wrapped

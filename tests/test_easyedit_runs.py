@@ -12,12 +12,14 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from smedit_plugin import easyedit
 from smedit_plugin.compare import METRIC_NAMES, CompareConfig, format_table, run_compare
@@ -403,6 +405,13 @@ def test_a_lora_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit
     again, twin, _ = _runner(tiny, tmp_path / "again", "LoRA", num_steps=2)
     state = _model_state(twin)
     again.prepare()
+    broken = tmp_path / "broken"  # adapters of other hparams: refused after LoRA wrapped the model, which is undone
+    shutil.copytree(tmp_path / "state", broken)
+    save_file({**load_file(str(broken / "added.safetensors")), "model.extra.lora_A.default.weight": torch.zeros(2)},
+              str(broken / "added.safetensors"))
+    with pytest.raises(ValueError, match="added other parameters.*model.extra.lora_A"):
+        again.load_state(broken)
+    _assert_same_model(state, twin)
     torch.manual_seed(123)  # the generator's state comes from the saved run
     again.load_state(tmp_path / "state")
     assert len(again.metrics) == 2 and hasattr(twin, "peft_config")
