@@ -253,15 +253,35 @@ def _adaptor_classes(alg_name: str) -> tuple[type, type]:
     return installer, getattr(sys.modules[installer.__module__], adaptor_name)
 
 
-def _detached(value: Any) -> Any:
-    """``value`` with every tensor in it detached (lists, tuples and dicts followed), for a ``weights_only`` file."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
+def flatten_nested(value: Any) -> tuple[list[str], list[Any]]:
+    """``value``, lists and tuples nested to any depth, as flat lists of kinds (``list``, ``tuple``, ``leaf``) and
+    items (a container's length, or the leaf; tensors detached), in pre-order and without recursion: GRACE's
+    ``edit_ids`` nest one level deeper with every key it adds, past what pickle's recursion allows at about 450."""
+    kinds, items, stack = [], [], [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            kinds.append(type(item).__name__)
+            items.append(len(item))
+            stack.extend(reversed(item))
+        else:
+            kinds.append("leaf")
+            items.append(item.detach() if isinstance(item, torch.Tensor) else item)
+    return kinds, items
+
+
+def unflatten_nested(kinds: Sequence[str], items: Sequence[Any]) -> Any:
+    """The value :func:`flatten_nested` took apart, rebuilt without recursion."""
+    frames: list[tuple[str, int, list[Any]]] = [("list", 1, [])]  # (kind, length, children so far)
+    for kind, item in zip(kinds, items):
+        if kind == "leaf":
+            frames[-1][2].append(item)
+        else:
+            frames.append((kind, item, []))
+        while len(frames) > 1 and len(frames[-1][2]) == frames[-1][1]:
+            done, _, children = frames.pop()
+            frames[-1][2].append(tuple(children) if done == "tuple" else children)
+    return frames[0][2][0]
 
 
 def adaptor_state(model: torch.nn.Module, alg_name: str) -> Optional[dict[str, Any]]:
@@ -279,7 +299,7 @@ def adaptor_state(model: torch.nn.Module, alg_name: str) -> Optional[dict[str, A
     return {"name": name,
             "parameters": {k: (p.detach(), p.requires_grad) for k, p in adaptor._parameters.items()
                            if p is not None and id(p) not in wrapped},
-            "attributes": {k: _detached(v) for k, v in vars(adaptor).items()
+            "attributes": {k: flatten_nested(v) for k, v in vars(adaptor).items()
                            if not k.startswith("_") and k not in ("config", "device")}}
 
 
@@ -294,8 +314,8 @@ def install_adaptor(model: torch.nn.Module, hparams: Any, saved: dict[str, Any])
     device = adaptor.weight.device
     for key, (value, grad) in saved["parameters"].items():
         setattr(adaptor, key, torch.nn.Parameter(value.to(device), requires_grad=grad))
-    for key, value in saved["attributes"].items():
-        setattr(adaptor, key, value)
+    for key, (kinds, items) in saved["attributes"].items():
+        setattr(adaptor, key, unflatten_nested(kinds, items))
 
 
 def rng_states() -> dict[str, torch.Tensor]:

@@ -28,8 +28,8 @@ from smedit_plugin.shipped import easyedit_hparams_root as builtin_hparams_dir
 from smedit_plugin.records import load_records
 from smedit_plugin.requests import to_requests
 from smedit_plugin.easyedit_runs import (EasyEditUnavailable, builtin_hparams_path, easyedit_stats_file, editor_kwargs,
-                                         import_runnable_easyedit, load_builtin_hparams, EasyEditRunner,
-                                         summarise_metrics)
+                                         flatten_nested, import_runnable_easyedit, load_builtin_hparams, EasyEditRunner,
+                                         summarise_metrics, unflatten_nested)
 from smedit_plugin.compare.config import split_method
 from smedit_plugin.evaluation import evaluate_records, score_answers
 
@@ -424,6 +424,29 @@ def test_a_lora_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit
         assert torch.equal(twin(input_ids=ids).logits, whole_logits)
     again.roll_back()
     _assert_same_model(state, twin)
+
+
+def test_adaptor_attributes_nested_thousands_deep_are_saved_and_read_back(tmp_path) -> None:
+    """GRACE's ``edit_ids`` nest one level deeper per key (``[[[id0], id1], id2]``): 5,000 levels, lists, tuples,
+    tensors and scalars go through ``torch.save`` and ``torch.load(weights_only=True)`` unchanged (pickling the
+    nested list itself fails with RecursionError at a few hundred levels)."""
+    deep: list = ["e0"]
+    for i in range(1, 5000):
+        deep = [deep, f"e{i}"]
+    values = {"edit_ids": deep, "key_labels": [torch.arange(3), (1, [2.5, None], ()), []], "key_id": torch.tensor(7),
+              "iter": 49, "training": False}
+    with pytest.raises(RecursionError):
+        torch.save(deep, tmp_path / "plain.pt")
+    torch.save({k: flatten_nested(v) for k, v in values.items()}, tmp_path / "flat.pt")
+    back = {k: unflatten_nested(*v) for k, v in torch.load(tmp_path / "flat.pt", weights_only=True).items()}
+    node, depth = back["edit_ids"], 0
+    while isinstance(node, list) and len(node) == 2:
+        assert node[1] == f"e{4999 - depth}"
+        node, depth = node[0], depth + 1
+    assert node == ["e0"] and depth == 4999
+    labels = back["key_labels"]
+    assert torch.equal(labels[0], torch.arange(3)) and labels[1] == (1, [2.5, None], ()) and labels[2] == []
+    assert torch.equal(back["key_id"], torch.tensor(7)) and back["iter"] == 49 and back["training"] is False
 
 
 def _codebook(model) -> tuple:
