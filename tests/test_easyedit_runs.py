@@ -354,6 +354,22 @@ def _two_chunks_saved_between(tiny, tmp_path: Path, method: str, records, **chan
     return run, model, tok
 
 
+def _whole_run_then_a_fresh_one(tiny, tmp_path: Path, method: str, records, edits, **changes) -> tuple:
+    """:func:`_two_chunks_saved_between`, then ``edits(model)`` and the logits (eval mode) of the last record's prompt,
+    roll back; and a prepared runner on a fresh model to load the state into, with that model and its state."""
+    run, model, tok = _two_chunks_saved_between(tiny, tmp_path, method, records, **changes)
+    whole = edits(model)
+    ids = tok(records[-1].prompt, return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    run.roll_back()
+    again, twin, _ = _runner(tiny, tmp_path / "again", method, **changes)
+    state = _model_state(twin)
+    again.prepare()
+    return whole, logits, ids, again, twin, state
+
+
 @pytest.mark.easyedit_head
 def test_an_alphaedit_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit(head, tiny, zsre_eval_path,
                                                                                       tmp_path, monkeypatch) -> None:
@@ -394,17 +410,9 @@ def test_a_lora_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bit
     PEFT from the fresh model."""
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    run, model, tok = _two_chunks_saved_between(tiny, tmp_path, "LoRA", records, num_steps=2)
-    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    ids = tok(records[3].prompt, return_tensors="pt")["input_ids"]
-    model.eval()
-    with torch.no_grad():
-        whole_logits = model(input_ids=ids).logits
-    run.roll_back()
-
-    again, twin, _ = _runner(tiny, tmp_path / "again", "LoRA", num_steps=2)
-    state = _model_state(twin)
-    again.prepare()
+    adapters, whole_logits, ids, again, twin, state = _whole_run_then_a_fresh_one(
+        tiny, tmp_path, "LoRA", records, lambda m: {n: p.detach().clone() for n, p in m.named_parameters()
+                                                    if "lora_" in n}, num_steps=2)
     broken = tmp_path / "broken"  # adapters of other hparams: refused after LoRA wrapped the model, which is undone
     shutil.copytree(tmp_path / "state", broken)
     save_file({**load_file(str(broken / "added.safetensors")), "model.extra.lora_A.default.weight": torch.zeros(2)},
@@ -463,16 +471,8 @@ def test_a_grace_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bi
     forward, so the generator's state is part of it), and roll back removes the installed adaptor."""
     monkeypatch.chdir(tmp_path)
     records = load_records(Path(zsre_eval_path), "zsre")[:4]
-    run, model, tok = _two_chunks_saved_between(tiny, tmp_path, "GRACE", records, n_iter=5)
-    whole = _codebook(model)
-    ids = tok(records[3].prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        whole_logits = model(input_ids=ids).logits
-    run.roll_back()
-
-    again, twin, _ = _runner(tiny, tmp_path / "again", "GRACE", n_iter=5)
-    state = _model_state(twin)
-    again.prepare()
+    whole, whole_logits, ids, again, twin, state = _whole_run_then_a_fresh_one(tiny, tmp_path, "GRACE", records,
+                                                                                _codebook, n_iter=5)
     torch.manual_seed(123)  # the generator's state comes from the saved run
     again.load_state(tmp_path / "state")
     assert len(again.metrics) == 2 and len(twin.model.layers[6].mlp.down_proj.keys) == 2
@@ -481,6 +481,7 @@ def test_a_grace_run_saved_after_one_chunk_continues_in_a_fresh_model_bit_for_bi
     assert all(torch.equal(a, b) for a, b in zip(whole[:3], resumed[:3]))
     assert whole[3] == resumed[3] and all(torch.equal(a, b) for a, b in zip(whole[4], resumed[4]))
     assert int(whole[5]) == int(resumed[5])
+    twin.eval()
     with torch.no_grad():
         assert torch.equal(twin(input_ids=ids).logits, whole_logits)
     again.roll_back()
